@@ -1,0 +1,90 @@
+# The front door: every stage of the kit is a target. `make help` lists them.
+# Inputs are variables, e.g. `make dataset UTKFACE_DIR=~/UTKFace RACE=all`.
+
+PYTHON_BOOT ?= python3
+VENV        ?= .venv
+PY          ?= $(VENV)/bin/python
+
+UTKFACE_DIR ?= UTKFace
+DATA_DIR    ?= data
+MODELS_DIR  ?= models
+RACE        ?= asian
+SIZE        ?= 256
+TEST_FRACTION ?= 0.2
+SEED        ?= 1
+BACKEND     ?= auto
+SOLVER      ?=
+RESUME      ?=
+NET         ?= all
+WEIGHTS     ?=
+DEVICE      ?= CPU
+DEMO_DIR    ?= demo
+
+RACES := asian white black indian others all
+BACKENDS := auto torch caffe docker
+NETS := age gender all
+$(if $(filter $(RACE),$(RACES)),,$(error RACE=$(RACE): expected one of $(RACES)))
+$(if $(filter $(BACKEND),$(BACKENDS)),,$(error BACKEND=$(BACKEND): expected one of $(BACKENDS)))
+$(if $(filter $(NET),$(NETS)),,$(error NET=$(NET): expected one of $(NETS)))
+
+TRAIN_ARGS = --backend $(BACKEND) --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) \
+             $(if $(SOLVER),--solver $(SOLVER)) $(if $(RESUME),--resume $(RESUME))
+EVAL_ARGS  = --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS))
+IR_ARGS    = --net $(NET) --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS))
+
+.PHONY: help setup demo download dataset train-age train-gender test-age test-gender evaluate \
+        compile-ncs compile-int8 bench bench-dataset test oracle clean
+
+help:  ## list the targets
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
+
+setup:  ## create .venv with everything the host stages and the tests need
+	$(PYTHON_BOOT) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[host,train,dev]'
+
+demo:  ## every stage end to end on a small generated set (or on UTKFACE_DIR=... when given)
+	$(PY) scripts/demo.py --out $(DEMO_DIR) $(if $(filter-out file default,$(origin UTKFACE_DIR)),--utkface $(UTKFACE_DIR))
+
+download:  ## fetch and verify the official UTKFace archive into UTKFACE_DIR
+	$(PY) -m dataset.download --dest $(UTKFACE_DIR)
+
+dataset:  ## UTKFace -> balanced LMDBs + mean.binaryproto in DATA_DIR
+	$(PY) -m dataset.build --utkface $(UTKFACE_DIR) --out $(DATA_DIR) --race $(RACE) \
+	  --size $(SIZE) --test-fraction $(TEST_FRACTION) --seed $(SEED)
+
+train-age:  ## train AgeNet (BACKEND=auto|torch|caffe|docker, SOLVER=, RESUME=)
+	$(PY) scripts/train.py --net age $(TRAIN_ARGS)
+
+train-gender:  ## train GenderNet
+	$(PY) scripts/train.py --net gender $(TRAIN_ARGS)
+
+test-age:  ## evaluate AgeNet on the test LMDB through OpenCV's Caffe importer
+	$(PY) scripts/evaluate.py --net age $(EVAL_ARGS)
+
+test-gender:  ## evaluate GenderNet
+	$(PY) scripts/evaluate.py --net gender $(EVAL_ARGS)
+
+evaluate: test-age test-gender  ## both evaluations
+
+compile-ncs:  ## caffemodel -> OpenVINO IR, FP16 (NCS2) and FP32, in MODELS_DIR/ir
+	$(PY) scripts/compile_ir.py $(IR_ARGS) --precision FP16 FP32
+
+compile-int8:  ## add INT8 IRs for CPUs (NNCF post-training quantization)
+	$(PY) scripts/compile_ir.py $(IR_ARGS) --precision INT8
+
+bench:  ## latency and throughput of every engine, both nets, and the end-to-end runner
+	$(PY) scripts/bench.py --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR)
+
+bench-dataset:  ## time the dataset build (images/s, output size)
+	$(PY) -m dataset.bench --utkface $(UTKFACE_DIR) --race $(RACE)
+
+test:  ## the test suite (the same command CI runs)
+	$(PY) -m pytest -q
+
+oracle:  ## build the real Caffe used as a test oracle (about 6 minutes)
+	test -x $${CAFFE_ORACLE_HOME:-$$HOME/.cache/caffe-oracle}/caffe/bin/caffe || bash ../shared/tools/caffe-oracle/build.sh
+
+clean:  ## remove generated data, models and the demo
+	rm -rf $(DATA_DIR) $(MODELS_DIR) $(DEMO_DIR)
