@@ -266,8 +266,7 @@ def write_solver(path: Path, net: Path, **fields) -> caffe_pb2.SolverParameter:
     """A solver prototxt for ``net`` with ``fields`` (SolverParameter field names)."""
     solver = caffe_pb2.SolverParameter(net=str(net), solver_mode=caffe_pb2.SolverParameter.CPU)
     for name, value in fields.items():
-        field = solver.DESCRIPTOR.fields_by_name[name]
-        if field.label == field.LABEL_REPEATED:
+        if isinstance(value, (list, tuple)):  # repeated fields (test_iter, stepvalue)
             getattr(solver, name).extend(value)
         else:
             setattr(solver, name, value)
