@@ -1,0 +1,202 @@
+"""One engine interface, two back ends: OpenVINO (IR, any device) and OpenCV DNN (caffemodel, CPU).
+
+    engine = make_engine(files, device="CPU", backend="auto", mode="throughput")
+    probs = engine.infer(face)                  # face: u8 BGR H x W x 3, the net's input size
+    engine.set_callback(fn)                     # fn(userdata, probs), called as results arrive
+    engine.infer_async(face, userdata); engine.wait_all()
+
+The OpenVINO IR carries its own preprocessing (u8 -> f32, NHWC -> NCHW, minus the training
+mean), so its engine passes pixels through untouched. OpenCV's Caffe importer has nothing
+of the kind: the OpenCV engine does the same steps itself, with the mean image saved beside
+the IR (<net>.mean.npy), and that is the only place in edge/ that touches pixel values.
+"""
+import hashlib
+import os
+
+import numpy as np
+
+from model_files import EdgeError, check_outputs
+
+BACKENDS = ("auto", "openvino", "opencv")
+DEVICES = ("MYRIAD", "CPU", "GPU", "NPU", "AUTO")
+
+
+def import_openvino():
+    """(Core, AsyncInferQueue, version) from OpenVINO 2023.1+ (``openvino``) or 2022.x (``openvino.runtime``)."""
+    try:
+        from openvino import AsyncInferQueue, Core
+    except ImportError:
+        try:
+            from openvino.runtime import AsyncInferQueue, Core
+        except ImportError:
+            return None
+    try:
+        from openvino import __version__ as version
+    except ImportError:
+        from openvino.runtime import get_version
+        version = get_version()
+    return Core, AsyncInferQueue, version
+
+
+def first_line(exc):
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # OpenVINO puts the reason after "Exception from ..." / "Check ... failed at ..." lines.
+    useful = [line for line in lines if not line.startswith(("Exception from", "Check '"))]
+    return (useful or lines or [type(exc).__name__])[0][:300]
+
+
+class Engine(object):
+    """Classifies face crops; results of async requests go to the callback on the main thread's terms."""
+
+    name = "engine"
+
+    def __init__(self, files):
+        self.files = files
+        self.labels = files.meta["labels"]
+        self.size = files.meta["input"]["shape"][1]
+        self._callback = None
+
+    def set_callback(self, callback):
+        self._callback = callback
+
+    def infer(self, face):
+        raise NotImplementedError
+
+    def infer_async(self, face, userdata):
+        self._callback(userdata, self.infer(face))
+
+    def wait_all(self):
+        pass
+
+
+class OpenVINOEngine(Engine):
+    def __init__(self, files, device, mode, openvino=None):
+        super(OpenVINOEngine, self).__init__(files)
+        Core, AsyncInferQueue, self.version = openvino or import_openvino()
+        core = Core()
+        self.device = resolve_device(core, device)
+        self.name = "OpenVINO {} {} {}".format(self.version.split("-")[0], self.device, files.meta["precision"])
+        config = {"PERFORMANCE_HINT": "THROUGHPUT" if mode == "throughput" else "LATENCY"}
+        try:
+            model = core.read_model(files.xml, files.bin)
+            self.compiled = core.compile_model(model, self.device, config)
+        except RuntimeError as exc:
+            raise EdgeError("{}: cannot load on {} ({})".format(files.xml, self.device, first_line(exc)))
+        output_shape = list(self.compiled.outputs[0].get_shape())
+        check_outputs(files, list(self.compiled.inputs[0].get_shape()), int(np.prod(output_shape[1:])))
+        self.request = self.compiled.create_infer_request()
+        self._queue = None
+        self._AsyncInferQueue = AsyncInferQueue
+        self._errors = []
+
+    def infer(self, face):
+        self.request.infer({0: face[np.newaxis]})
+        return np.array(self.request.get_output_tensor(0).data).reshape(-1)
+
+    def _on_done(self, request, userdata):
+        # Runs on an OpenVINO thread: copy the output before the request is reused, and keep
+        # any exception for the main thread (raising here would be lost).
+        try:
+            self._callback(userdata, np.array(request.get_output_tensor(0).data).reshape(-1))
+        except Exception as exc:  # noqa: BLE001 - re-raised in wait_all
+            self._errors.append(exc)
+
+    def infer_async(self, face, userdata):
+        if self._queue is None:
+            # 0 jobs = the device's optimal number of requests in flight.
+            self._queue = self._AsyncInferQueue(self.compiled, 0)
+            self._queue.set_callback(self._on_done)
+        self._queue.start_async({0: face[np.newaxis]}, userdata)  # blocks while every request is busy
+        self._raise_callback_errors()
+
+    def wait_all(self):
+        if self._queue is not None:
+            self._queue.wait_all()
+        self._raise_callback_errors()
+
+    def _raise_callback_errors(self):
+        if self._errors:
+            raise self._errors.pop(0)
+
+    @property
+    def requests_in_flight(self):
+        return len(self._queue) if self._queue is not None else 1
+
+
+def resolve_device(core, device):
+    """``device``, or the one present: MYRIAD (the NCS2) when plugged in, else CPU."""
+    available = list(core.available_devices)
+    if device is None:
+        return "MYRIAD" if any(d.startswith("MYRIAD") for d in available) else "CPU"
+    if device in ("AUTO",) or any(d == device or d.startswith(device + ".") for d in available):
+        return device
+    hint = ""
+    if device == "MYRIAD":
+        hint = "; is the Neural Compute Stick 2 plugged in, with the udev rules installed? " \
+               "The MYRIAD plugin exists only up to OpenVINO 2022.3 (edge/README.md)"
+    raise EdgeError("device {} not available (present: {}){}".format(device, ", ".join(available) or "none", hint))
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class OpenCVEngine(Engine):
+    """The caffemodel through OpenCV's Caffe importer (OpenCV 4.x; OpenCV 5 removed it)."""
+
+    def __init__(self, files, caffemodel=None):
+        super(OpenCVEngine, self).__init__(files)
+        import cv2
+
+        caffe = files.meta["caffe"]
+        deploy = os.path.join(files.folder, caffe["deploy"])
+        mean_path = os.path.join(files.folder, files.meta["mean"]["file"])
+        candidates = [caffemodel] if caffemodel else \
+            [caffe["caffemodel"], os.path.join(files.folder, files.net + ".caffemodel")]
+        found = [path for path in candidates if path and os.path.isfile(path)]
+        if not found:
+            raise EdgeError("{}: caffemodel not found for the OpenCV engine (looked at {}; pass --caffe-model "
+                            "{}=PATH)".format(files.net, ", ".join(candidates), files.task))
+        self.caffemodel = found[0]
+        if _sha256(self.caffemodel) != caffe["caffemodel_sha256"]:
+            raise EdgeError("{}: not the caffemodel {} was compiled from (sha256 differs; mismatched model files)"
+                            .format(self.caffemodel, files.xml))
+        if not hasattr(cv2.dnn, "readNetFromCaffe"):
+            raise EdgeError("OpenCV {} has no Caffe importer (removed in OpenCV 5): pip install "
+                            "'opencv-python-headless<5'".format(cv2.__version__))
+        try:
+            self.net = cv2.dnn.readNetFromCaffe(deploy, self.caffemodel)
+            self.mean = np.load(mean_path).astype(np.float32)
+        except (cv2.error, OSError, ValueError) as exc:
+            raise EdgeError("{}: cannot load for OpenCV ({})".format(self.caffemodel, first_line(exc)))
+        if self.mean.shape != (3, self.size, self.size):
+            raise EdgeError("{}: mean of shape {} for a {}x{} input".format(mean_path, self.mean.shape,
+                                                                              self.size, self.size))
+        self.name = "OpenCV {} DNN CPU (caffemodel)".format(cv2.__version__)
+
+    def infer(self, face):
+        # The IR does these steps inside the graph; OpenCV needs them here.
+        blob = face.transpose(2, 0, 1)[np.newaxis].astype(np.float32) - self.mean
+        self.net.setInput(blob)
+        return self.net.forward().reshape(-1)
+
+    requests_in_flight = 1
+
+
+def make_engine(files, device=None, backend="auto", mode="latency", caffemodel=None):
+    """The engine for one net: OpenVINO when installed (or asked for), else OpenCV DNN."""
+    openvino = import_openvino() if backend in ("auto", "openvino") else None
+    if backend == "openvino" and openvino is None:
+        raise EdgeError("OpenVINO is not installed (pip install -r edge/requirements.txt)")
+    if openvino is not None:
+        return OpenVINOEngine(files, device, mode, openvino)
+    if device not in (None, "CPU"):
+        raise EdgeError("device {} needs OpenVINO, which is not installed; the OpenCV engine runs on CPU only"
+                        .format(device))
+    return OpenCVEngine(files, caffemodel)
+

@@ -1,0 +1,95 @@
+"""Compile trained Caffe nets to OpenVINO IR for the Neural Compute Stick 2 and CPUs.
+
+    python scripts/compile_ir.py --net all --data-dir data --models-dir models --precision FP16 FP32
+    python scripts/compile_ir.py --net age --data-dir data --models-dir models --precision INT8
+    python scripts/compile_ir.py --net age --data-dir data --models-dir models --weights my.caffemodel --precision FP16
+
+Reads caffe_models/<net>/deploy.prototxt, the caffemodel (default: the newest snapshot
+<models-dir>/<net>/*_iter_N.caffemodel) and <data-dir>/mean.binaryproto. Writes
+<models-dir>/ir/<net>/<PRECISION>/<net>.xml/.bin with <net>.json beside them (labels,
+age bins, input format, hashes of the sources, the measured check). FP16 and FP32 IRs are
+checked against OpenCV's Caffe importer; INT8 reports its test accuracy against FP32.
+"""
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable as `python scripts/compile_ir.py` without installing
+
+from caffekit import openvino_ir, tasks  # noqa: E402
+from caffekit.errors import KitError, cli  # noqa: E402
+
+
+def newest_snapshot(models_dir: Path, net_name: str) -> Path:
+    """The snapshot with the highest iteration number (or the newest file) in models_dir/<net>/."""
+    folder = models_dir / net_name
+    candidates = sorted(folder.glob("*.caffemodel")) if folder.is_dir() else []
+    if not candidates:
+        raise KitError(f"{folder}: no .caffemodel found (train first with `make train-{net_name[:-4]}`, "
+                       f"or pass --weights)")
+
+    def key(path: Path):
+        match = re.search(r"_iter_(\d+)\.caffemodel$", path.name)
+        return (int(match.group(1)) if match else -1, path.stat().st_mtime)
+
+    return max(candidates, key=key)
+
+
+def compile_net(task: str, args) -> None:
+    net_name = tasks.TASKS[task]["net"]
+    weights = args.weights or newest_snapshot(args.models_dir, net_name)
+    deploy = args.deploy_dir / net_name / "deploy.prototxt"
+    net = openvino_ir.CaffeNet(deploy, weights)
+    if net.classes != len(tasks.labels(task)):
+        raise KitError(f"{weights}: the net has {net.classes} outputs, task {task!r} has "
+                       f"{len(tasks.labels(task))} classes")
+    mean_file = args.data_dir / "mean.binaryproto"
+    ir_root = args.models_dir / "ir"
+    print(f"{net_name}: {weights}")
+    float_precisions = [p for p in args.precision if p != "INT8"]
+    if float_precisions:
+        images, source = openvino_ir.check_images(args.data_dir, task, net.size)
+        for precision in float_precisions:
+            start = time.perf_counter()
+            meta = openvino_ir.compile_precision(net, task, precision, mean_file, ir_root, images, source)
+            check = meta["check"]
+            print(f"  {precision}: {openvino_ir.ir_paths(ir_root, net_name, precision)['xml']}  "
+                  f"max |p_IR - p_OpenCV| = {check['max_prob_difference']:.2g} "
+                  f"(limit {check['tolerance']:g}, {source}) [{time.perf_counter() - start:.1f} s]")
+    if "INT8" in args.precision:
+        start = time.perf_counter()
+        meta = openvino_ir.quantize_int8(net, task, mean_file, ir_root, args.data_dir,
+                                         progress=lambda line: print("  " + line))
+        q = meta["int8"]
+        print(f"  INT8: {openvino_ir.ir_paths(ir_root, net_name, 'INT8')['xml']}  test accuracy "
+              f"{100 * q['int8_accuracy']:.1f}% vs FP32 {100 * q['fp32_accuracy']:.1f}% "
+              f"(loss {q['accuracy_loss_points']:.2f} points on {q['test_images']} images, "
+              f"{100 * q['agreement_with_fp32']:.1f}% same class) [{time.perf_counter() - start:.1f} s]")
+        if q["accuracy_loss_points"] > 1.0:
+            print(f"  warning: INT8 loses more than 1 point of test accuracy", file=sys.stderr)
+
+
+@cli
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--net", choices=("age", "gender", "all"), default="all")
+    parser.add_argument("--data-dir", type=Path, default=REPO / "data", help="holds mean.binaryproto and lmdb/")
+    parser.add_argument("--models-dir", type=Path, default=REPO / "models",
+                        help="snapshots in <net>/, IRs written to ir/")
+    parser.add_argument("--weights", type=Path, help="a caffemodel (only with --net age or gender)")
+    parser.add_argument("--deploy-dir", type=Path, default=REPO / "caffe_models",
+                        help="folder with <net>/deploy.prototxt (default: caffe_models)")
+    parser.add_argument("--precision", nargs="+", choices=openvino_ir.PRECISIONS, default=["FP16", "FP32"])
+    args = parser.parse_args(argv)
+    if args.weights and args.net == "all":
+        raise KitError("--weights names one caffemodel: use it with --net age or --net gender")
+    for task in (("age", "gender") if args.net == "all" else (args.net,)):
+        compile_net(task, args)
+
+
+if __name__ == "__main__":
+    main()
