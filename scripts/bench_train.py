@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Torch-backend training throughput (forward + backward + Caffe SGD update), images per second.
+
+    python scripts/bench_train.py --net age --batch 50 --threads 2
+    python scripts/bench_train.py --precision fp32 bf16 --iters 8 --json bench/train_speed.json
+
+Times the same code path as `scripts/train.py --backend torch` (caffekit.torchnet + caffekit.solver)
+on random 227x227 batches, so it measures compute, not the LMDB reader (which runs in a
+background thread during training). Reports the median of --iters timed iterations after --warmup.
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from caffekit import atomic, formats, graph, training  # noqa: E402
+from caffekit.errors import cli  # noqa: E402
+from caffekit.proto import caffe_pb2  # noqa: E402
+
+
+def bench(net_name: str, batch: int, precision: str, iters: int, warmup: int, channels_last: bool) -> dict:
+    import torch
+
+    from caffekit import solver as solver_lib, torchnet
+
+    net = formats.read_net(training.REPO / "caffe_models" / net_name / "train_val.prototxt")
+    data = training.data_layers(net, net_name)[graph.TRAIN]
+    crop = data.transform_param.crop_size
+    shapes = {data.top[0]: (batch, 3, crop, crop), data.top[1]: (batch,)}
+    model = torchnet.CaffeNet(net, graph.TRAIN, shapes, net_name, seed=1)
+    param = caffe_pb2.SolverParameter(base_lr=0.001, lr_policy="fixed", momentum=0.9, weight_decay=5e-4)
+    info = model.param_info
+    sgd = solver_lib.SgdSolver(param, model.params(), [p.lr_mult for p in info], [p.decay_mult for p in info])
+    classes = model.shapes[model.layers[-1].bottom[0]][1]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shapes[data.top[0]], generator=generator) * 50
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (batch,), generator=generator).float()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    times = []
+    for i in range(warmup + iters):
+        start = time.perf_counter()
+        with autocast:
+            loss = model.loss(model({data.top[0]: x, data.top[1]: y}))
+        loss.backward()
+        sgd.apply_update()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"net": net_name, "batch": batch, "precision": precision, "channels_last": channels_last,
+            "threads": torch.get_num_threads(), "median_s": round(median, 4),
+            "images_per_s": round(batch / median, 1), "times_s": [round(t, 4) for t in times]}
+
+
+@cli
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--net", default="age", choices=sorted(training.NETS))
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--iters", type=int, default=6, help="timed iterations (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory layout")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = []
+    for precision in args.precision:
+        result = bench(training.NETS[args.net], args.batch, precision, args.iters, args.warmup,
+                       not args.no_channels_last)
+        results.append(result)
+        print(f"{result['net']} batch {args.batch} {precision:>4} ({args.threads} threads, "
+              f"{'channels_last' if result['channels_last'] else 'NCHW'}): "
+              f"{result['images_per_s']:.1f} images/s (median {result['median_s'] * 1000:.0f} ms/iteration)")
+    if args.json:
+        atomic.write_text(args.json, json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

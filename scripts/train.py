@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Train AgeNet or GenderNet from the Caffe prototxts, with real Caffe or the embedded torch backend.
+
+    python scripts/train.py --net age --data-dir data --models-dir models
+    python scripts/train.py --net age --resume models/age_net/age_net_iter_2000.solverstate
+    python scripts/train.py --net gender --backend caffe --solver caffe_models/gender_net/solver_levi_hassner.prototxt
+
+Outputs in MODELS_DIR/<net>_net/: the solver and train_val actually used (paths rewritten for
+DATA_DIR), <prefix>_iter_N.caffemodel/.solverstate snapshots, train_log.csv, learning_curve.png,
+config.json. Ctrl-C writes a snapshot of the current iteration (exit status 130); --resume continues.
+"""
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from caffekit import training  # noqa: E402
+from caffekit.errors import KitError, cli  # noqa: E402
+
+REPO = training.REPO
+DOCKER_IMAGE = "caffekit-caffe:cpu"
+
+
+def build_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--net", required=True, choices=sorted(training.NETS), help="which network to train")
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "caffe", "docker"],
+                        help="auto: a native `caffe` on PATH, else torch (default: auto)")
+    parser.add_argument("--data-dir", default="data", help="what `make dataset` wrote (default: data)")
+    parser.add_argument("--models-dir", default="models", help="outputs go to MODELS_DIR/<net>_net (default: models)")
+    parser.add_argument("--solver", help="solver prototxt (default: caffe_models/<net>_net/solver.prototxt)")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", help="a .solverstate (or the .caffemodel beside one) to continue from")
+    start.add_argument("--weights", help="initial weights from a .caffemodel (fine-tuning; as caffe train -weights)")
+    parser.add_argument("--max-iter", type=int, help="override the solver's max_iter (smoke runs)")
+    parser.add_argument("--seed", type=int, help="override the solver's random_seed")
+    torch_opts = parser.add_argument_group("torch backend")
+    torch_opts.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                            help="auto: bf16 autocast where the CPU has AVX512-BF16/AMX or on CUDA, else fp32")
+    torch_opts.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    torch_opts.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+    torch_opts.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs only)")
+    return parser
+
+
+def choose_backend(backend: str) -> str:
+    if backend == "auto":
+        return "caffe" if shutil.which("caffe") else "torch"
+    return backend
+
+
+def caffe_command(config: training.RunConfig, caffe: str = "caffe"):
+    """`caffe train` on the resolved solver, with -snapshot or -weights."""
+    command = [caffe, "train", "-solver", config.solver_resolved]
+    if config.resume:
+        _, state_path, _ = training.find_resume_files(config.resume)
+        command += ["-snapshot", str(Path(state_path).resolve())]
+    elif config.weights:
+        command += ["-weights", str(Path(config.weights).resolve())]
+    return command
+
+
+def run_caffe(config: training.RunConfig, command, cwd: Path) -> int:
+    """Run Caffe, copying its log to the console and to caffe_train.log, then turn the log
+    into train_log.csv and learning_curve.png like the torch backend's."""
+    log_path = Path(config.out_dir) / "caffe_train.log"
+    print("running: " + " ".join(shlex.quote(c) for c in command), file=sys.stderr)
+    with log_path.open("w") as log:
+        try:
+            process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        except FileNotFoundError:
+            raise KitError(f"{command[0]}: not found") from None
+        try:
+            for line in process.stdout:
+                sys.stderr.write(line)
+                log.write(line)
+            code = process.wait()
+        except KeyboardInterrupt:
+            # Caffe's own SIGINT handling snapshots and stops; wait for it.
+            code = process.wait()
+            caffe_log_to_csv(log_path, Path(config.out_dir))
+            raise
+    caffe_log_to_csv(log_path, Path(config.out_dir))
+    return code
+
+
+_ITER_LOSS = re.compile(r"Iteration (\d+)(?: \([^)]*\))?, loss = ([-\d.e+naif]+)")
+_ITER_LR = re.compile(r"Iteration (\d+), lr = ([-\d.e+]+)")
+_ITER_TEST = re.compile(r"Iteration (\d+), Testing net")
+_TEST_OUT = re.compile(r"Test net output #\d+: (\S+) = ([-\d.e+naif]+)")
+
+
+def caffe_log_to_csv(log_path: Path, out_dir: Path) -> None:
+    """train_log.csv from a Caffe log (glog lines), so both backends leave the same outputs."""
+    log = training.TrainLog(out_dir / "train_log.csv", 0)
+    test_iter = None
+    for line in log_path.read_text(errors="replace").splitlines():
+        if m := _ITER_TEST.search(line):
+            test_iter = int(m.group(1))
+        elif (m := _TEST_OUT.search(line)) and test_iter is not None:
+            name, value = m.group(1), float(m.group(2))
+            log.update(test_iter, **({"test_loss": value} if "loss" in name else {"test_accuracy": value}))
+        elif m := _ITER_LOSS.search(line):
+            log.update(int(m.group(1)), smoothed_loss=float(m.group(2)))
+        elif m := _ITER_LR.search(line):
+            log.update(int(m.group(1)), lr=float(m.group(2)))
+    if log.rows:
+        log.write()
+        training.plot_curves(log, out_dir / "learning_curve.png", "caffe train")
+
+
+def docker_command(config: training.RunConfig, image: str = DOCKER_IMAGE):
+    """`caffe train` inside the docker/caffe image: the repo, data and models folders are mounted at
+    the same absolute paths, so the resolved prototxts work unchanged inside the container."""
+    mounts = []
+    for path in (REPO, Path(config.data_dir).resolve(), Path(config.models_dir).resolve()):
+        if not any(str(path).startswith(str(m) + os.sep) or path == m for m in mounts):
+            mounts.append(path)
+    command = ["docker", "run", "--rm", "--init", "-u", f"{os.getuid()}:{os.getgid()}", "-w", str(REPO)]
+    for path in mounts:
+        command += ["-v", f"{path}:{path}"]
+    return command + [image] + caffe_command(config)
+
+
+def ensure_docker_image(image: str = DOCKER_IMAGE) -> None:
+    if not shutil.which("docker"):
+        raise KitError("docker: not found on PATH (install Docker, or use --backend torch)")
+    if subprocess.run(["docker", "image", "inspect", image], stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL).returncode != 0:
+        print(f"building {image} from docker/caffe (once; about 10 minutes)", file=sys.stderr)
+        subprocess.run(["docker", "build", "-t", image, str(REPO / "docker" / "caffe")], check=True)
+
+
+@cli
+def main(argv=None) -> int:
+    args = build_argparser().parse_args(argv)
+    net = training.NETS[args.net]
+    solver = Path(args.solver) if args.solver else REPO / "caffe_models" / net / "solver.prototxt"
+    backend = choose_backend(args.backend)
+    config = training.RunConfig(
+        net=net, solver=str(solver), data_dir=args.data_dir, models_dir=args.models_dir, backend=backend,
+        weights=args.weights, resume=args.resume, max_iter=args.max_iter, seed=args.seed,
+        precision=args.precision, device=args.device, threads=args.threads)
+    if backend == "torch":
+        result = training.train_torch(config, progress=not args.no_progress)
+        print(f"trained {net} to iteration {result.iterations}; last snapshot: {result.last_snapshot}")
+        return 0
+    if backend == "docker":
+        ensure_docker_image()
+    if config.resume:
+        training.find_resume_files(config.resume)  # one-line error before anything is written
+    if config.weights:
+        training.formats.read_caffemodel(config.weights)
+    training.prepare_run(config)
+    if backend == "caffe":
+        caffe = shutil.which("caffe")
+        if caffe is None:
+            raise KitError("caffe: not found on PATH (build Caffe, use --backend docker, or --backend torch)")
+        command = caffe_command(config, caffe)
+    else:
+        command = docker_command(config)
+    code = run_caffe(config, command, cwd=REPO)
+    if code != 0:
+        raise KitError(f"caffe train failed with exit status {code} (log: {Path(config.out_dir) / 'caffe_train.log'})")
+    print(f"trained {net}; snapshots in {config.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
