@@ -215,6 +215,7 @@ def load_faces(files: Sequence[Path], size: int, task: str = "age"):
 
 def write_lmdb(path: Path, images: np.ndarray, labels: Sequence[int]) -> None:
     """An LMDB of raw Datums keyed ``%08d`` (as convert_imageset writes: read back in this order)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     env = lmdb.open(str(path), map_size=1 << 31, subdir=True)
     with env.begin(write=True) as txn:
         for i, (image, label) in enumerate(zip(images, labels)):
