@@ -80,3 +80,84 @@ def make_models_dir(root, tasks=("age", "gender"), seed: int = 0):
         write_random_caffemodel(REPO / "caffe_models" / net / "deploy.prototxt",
                                 models / net / f"{net}_random_iter_1.caffemodel", seed=seed + i)
     return data, models
+
+
+# ---------------------------------------------------------------- V1 syntax
+def to_v1(net):
+    """A V1-syntax copy of a V2 NetParameter (``layers { type: CONVOLUTION }``, ``input_dim``),
+    as the Levi & Hassner files are written. Blobs travel too, so this converts caffemodels."""
+    from caffekit.proto import caffe_pb2
+
+    v1 = caffe_pb2.NetParameter(name=net.name)
+    enum = {name: value for value, name in graph._V1_TYPE_NAMES.items()}
+    for layer in net.layer:
+        if layer.type == "Input":
+            v1.input.extend(layer.top)
+            v1.input_dim.extend(layer.input_param.shape[0].dim)
+            continue
+        old = v1.layers.add(name=layer.name, type=enum[layer.type])
+        old.bottom.extend(layer.bottom)
+        old.top.extend(layer.top)
+        old.blobs.extend(layer.blobs)
+        for field in graph._V1_PARAM_FIELDS:
+            if layer.HasField(field):
+                getattr(old, field).CopyFrom(getattr(layer, field))
+    return v1
+
+
+# ---------------------------------------------------------------- LMDBs and face scenes
+def write_lmdb(path, images_chw, labels):
+    """A Caffe LMDB of raw uint8 Datums, keyed like convert_imageset ("%08d")."""
+    import lmdb
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    env = lmdb.open(str(path), map_size=1 << 30)
+    with env.begin(write=True) as txn:
+        for i, (image, label) in enumerate(zip(images_chw, labels)):
+            txn.put(f"{i:08d}".encode(), formats.array_to_datum(image, int(label)).SerializeToString())
+    env.close()
+
+
+def write_random_dataset(data_dir, task, train=40, test=20, size=MEAN_SIZE, seed=0):
+    """Small train/test LMDBs of smooth random 256x256 images with random labels."""
+    import cv2
+
+    from caffekit import tasks
+
+    rng = np.random.default_rng(seed)
+    classes = len(tasks.labels(task))
+    for split, count in (("train", train), ("test", test)):
+        images = []
+        for _ in range(count):
+            small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+            images.append(cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC).transpose(2, 0, 1))
+        write_lmdb(Path(data_dir) / "lmdb" / f"{task}_{split}_lmdb", images, rng.integers(0, classes, count))
+
+
+def background(width=640, height=480, seed=0):
+    """A smooth, face-free background (gradients and soft blobs)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(40, 220, (4, 5, 3), dtype=np.uint8)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+def paste_faces(canvas, chips, places, side):
+    """Paste face chips resized to ``side`` at ``places`` (x, y); returns the boxes (x, y, w, h)."""
+    import cv2
+
+    boxes = []
+    for chip, (x, y) in zip(chips, places):
+        canvas[y:y + side, x:x + side] = cv2.resize(chip, (side, side), interpolation=cv2.INTER_AREA)
+        boxes.append((x, y, side, side))
+    return boxes
+
+
+def iou(a, b):
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    w = max(0, min(ax + aw, bx + bw) - max(ax, bx))
+    h = max(0, min(ay + ah, by + bh) - max(ay, by))
+    return w * h / float(aw * ah + bw * bh - w * h)
