@@ -22,7 +22,7 @@ import cv2
 import lmdb
 import numpy as np
 
-from caffekit import formats
+from caffekit import formats, graph
 from caffekit.proto import caffe_pb2
 from caffekit.tasks import age_to_bin
 
@@ -56,15 +56,37 @@ def _run(oracle: dict, argv: Sequence[str], cwd: Path, log_name: str, quiet: boo
     return text
 
 
+def caffe_train_from(oracle: dict, solver: Path, cwd: Path, init_model: Path, timeout: float = 300) -> str:
+    """``caffe train`` starting from the weights of ``init_model`` at iteration 0.
+
+    This oracle build's ``caffe train`` ignores ``-weights`` (its tools/caffe.cpp lost the
+    CopyLayers call), so we resume from a SolverState of iteration 0 with zero momentum
+    history whose ``learned_net`` is ``init_model``: Caffe's Restore loads those weights, and
+    the run is then exactly a fresh run from them (upstream Caffe behaves the same).
+    """
+    state_path = Path(cwd) / (Path(init_model).stem + ".solverstate")
+    write_initial_state(state_path, init_model)
+    return run_tool(oracle, "caffe", ["train", "-solver", solver, "-snapshot", state_path], cwd, timeout)
+
+
+def write_initial_state(path: Path, model_path: Path) -> None:
+    """A SolverState of iteration 0: zero history blobs shaped like the model's learnable blobs,
+    in Caffe's learnable_params order (layer order; weights, then bias)."""
+    state = caffe_pb2.SolverState(iter=0, current_step=0, learned_net=str(Path(model_path).resolve()))
+    for layer in graph.all_layers(formats.read_caffemodel(model_path)):
+        for blob in layer.blobs:
+            state.history.append(formats.array_to_blob(np.zeros(formats.blob_to_array(blob).shape, np.float32)))
+    Path(path).write_bytes(state.SerializeToString())
+
+
 def run_tool(oracle: dict, tool: str, args: Sequence, cwd: Path, timeout: float = 300) -> str:
     """Run one of the oracle's binaries (``caffe``, ``compute_image_mean``, ...); its log."""
     return _run(oracle, [oracle["bin"] / tool, *args], cwd, f"{tool}.log", quiet=False, timeout=timeout)
 
 
-def caffe_train(oracle: dict, solver: Path, cwd: Path, weights: Optional[Path] = None, timeout: float = 300) -> str:
-    """``caffe train -solver S [-weights W]`` in ``cwd``; the full GLOG log."""
-    args = ["train", "-solver", solver] + (["-weights", weights] if weights else [])
-    return run_tool(oracle, "caffe", args, cwd, timeout)
+def caffe_train(oracle: dict, solver: Path, cwd: Path, timeout: float = 300) -> str:
+    """``caffe train -solver S`` in ``cwd`` (weights from the prototxt's fillers); the full GLOG log."""
+    return run_tool(oracle, "caffe", ["train", "-solver", solver], cwd, timeout)
 
 
 def run_pycaffe(oracle: dict, script: str, cwd: Path, args: dict, timeout: float = 300) -> str:
@@ -211,6 +233,35 @@ def load_faces(files: Sequence[Path], size: int, task: str = "age"):
         age, gender = path.name.split("_")[:2]
         labels.append(age_to_bin(int(age)) if task == "age" else int(gender))
     return np.stack(images), np.asarray(labels, np.int64)
+
+
+def filler_weights(net: caffe_pb2.NetParameter, input_shape: Sequence[int], seed: int) -> Dict[str, List[np.ndarray]]:
+    """Weights drawn as the prototxt's fillers say (gaussian std / constant value), seeded:
+    the regime real training starts in."""
+    layers = graph.net_layers(net, graph.TRAIN)
+    shapes = graph.blob_shapes(layers, {layers[0].top[0]: tuple(input_shape)})
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for layer in layers:
+        blob_shapes = graph.learnable_shapes(layer, shapes[layer.bottom[0]]) if layer.bottom else []
+        if not blob_shapes:
+            continue
+        p = layer.convolution_param if layer.type == "Convolution" else layer.inner_product_param
+        arrays = []
+        for shape, filler in zip(blob_shapes, (p.weight_filler, p.bias_filler)):
+            if filler.type == "gaussian":
+                arrays.append((rng.standard_normal(shape) * filler.std + filler.mean).astype(np.float32))
+            elif filler.type in ("constant", ""):
+                arrays.append(np.full(shape, filler.value, np.float32))
+            else:
+                raise ValueError(f"layer {layer.name}: filler {filler.type!r} not drawn here")
+        weights[layer.name] = arrays
+    return weights
+
+
+def data_layer(net: caffe_pb2.NetParameter, phase: int) -> caffe_pb2.LayerParameter:
+    """The Data layer of ``net`` included in ``phase``."""
+    return next(layer for layer in net.layer if layer.type == "Data" and any(r.phase == phase for r in layer.include))
 
 
 def write_lmdb(path: Path, images: np.ndarray, labels: Sequence[int]) -> None:
