@@ -3,18 +3,18 @@
 Detection: OpenCV's bundled Haar cascade (haarcascade_frontalface_default.xml, no download).
 It runs on a grey copy scaled down to DETECT_WIDTH pixels wide: at 640x480 the full-size
 cascade alone takes longer than a frame at 30 FPS, and faces smaller than MIN_FACE pixels at
-that scale are too small for a 227x227 classifier anyway.
+that scale (60 px in a 640x480 frame) are too small for a 227x227 classifier anyway.
 
 Framing: the nets were trained on UTKFace chips (aligned 200x200 crops) resized to 256x256,
 then the centre 227x227 (Caffe's test-phase crop). A Haar box is not a UTKFace chip, so each
 box is turned into the chip it most likely corresponds to. Measured by running this cascade
 on UTKFace chips (``python edge/face_detection.py --measure UTKFACE_DIR``; 600 random chips,
-seed 0; 572 had a face): the chip side is CHIP_SCALE = 0.97 times the box side (median;
-quartiles about 0.93-1.04) and the chip centre lies CHIP_SHIFT_Y = 0.08 box sides below the
-box centre (the cascade
-box sits high, on eyes and brow). So the "enlargement" is about 1x: UTKFace chips are framed
-as tightly as Haar boxes. The chip is clipped to the frame, resized to 256x256 with the same
-interpolation as the dataset stage, and its centre 227x227 crop is what the nets classify;
+seed 0, the runner's pyramid step; 559 had a face): the chip side is CHIP_SCALE = 0.98 times
+the box side (median; quartiles about 0.93-1.04) and the chip centre lies CHIP_SHIFT_Y = 0.08
+box sides below the box centre (the cascade box sits high, on eyes and brow). So the
+"enlargement" is about 1x: UTKFace chips are framed as tightly as Haar boxes. The chip is
+clipped to the frame, resized to 256x256 with the same interpolation as the dataset stage
+(bilinear), and its centre 227x227 crop is what the nets classify, exactly as in training;
 ``--no-detect`` does the same with the whole image as the chip.
 """
 import os
@@ -23,20 +23,22 @@ import cv2
 import numpy as np
 
 CASCADE = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
-CHIP_SCALE = 0.97     # UTKFace chip side / Haar box side (measured, see above)
+CHIP_SCALE = 0.98     # UTKFace chip side / Haar box side (measured, see above)
 CHIP_SHIFT_Y = 0.08   # (chip centre - box centre) / box side, downwards (measured)
 TRAINING_SIZE = 256   # dataset stage: chips resized to 256x256 (Caffe's convert_imageset --resize)
 DETECT_WIDTH = 320    # detection runs on a copy this wide (or the frame, if narrower)
-MIN_FACE = 24         # smallest face searched for, in pixels of the detection copy
+MIN_FACE = 30         # smallest face searched for, in pixels of the detection copy (60 px at 640 wide)
+SCALE_STEP = 1.15     # cascade pyramid step: 1.1 finds a few more faces at nearly twice the cost
 
 
 class FaceDetector(object):
-    def __init__(self, detect_width=DETECT_WIDTH, min_face=MIN_FACE):
+    def __init__(self, detect_width=DETECT_WIDTH, min_face=MIN_FACE, scale_step=SCALE_STEP):
         self.cascade = cv2.CascadeClassifier(CASCADE)
         if self.cascade.empty():
             raise RuntimeError("cannot load OpenCV's Haar cascade " + CASCADE)
         self.detect_width = detect_width
         self.min_face = min_face
+        self.scale_step = scale_step
 
     def detect(self, frame):
         """Face boxes (x, y, w, h) in frame pixels, largest first."""
@@ -46,7 +48,7 @@ class FaceDetector(object):
         if scale < 1.0:
             grey = cv2.resize(grey, (int(round(width * scale)), int(round(height * scale))),
                               interpolation=cv2.INTER_AREA)
-        found = self.cascade.detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5,
+        found = self.cascade.detectMultiScale(grey, scaleFactor=self.scale_step, minNeighbors=5,
                                               minSize=(self.min_face, self.min_face))
         boxes = [tuple(int(round(v / scale)) for v in box) for box in found]
         return sorted(boxes, key=lambda b: -b[2] * b[3])

@@ -217,8 +217,8 @@ def test_chip_framing_constant_matches_utkface(utkface_dir):
 
 
 def test_chip_box_is_clipped_to_the_frame():
-    # Away from the edges: 0.97 x the box, centred 0.08 box sides lower.
-    assert face_detection.chip_box((100, 100, 100, 100), (480, 640)) == (102, 110, 96, 96)
+    # Away from the edges: 0.98 x the box, centred 0.08 box sides lower.
+    assert face_detection.chip_box((100, 100, 100, 100), (480, 640)) == (101, 109, 98, 98)
     # At the bottom right corner the chip would leave the frame: clipped.
     x, y, w, h = face_detection.chip_box((560, 400, 80, 80), (480, 640))
     assert (x + w, y + h) == (639, 480) and h < w
