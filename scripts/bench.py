@@ -259,7 +259,9 @@ def markdown(report) -> str:
     lines = [f"# Inference benchmark", "",
              f"CPU: {report['cpu']}  ",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + "  ",
-             f"Images: {report['images']}  ", f"Date: {report['date']}", "",
+             f"Images: {report['images']}  ", f"Date: {report['date']}  ",
+             f"Load average (1 min) at start: {report['load_average_at_start']} "
+             f"(other work on the machine slows every row alike)", "",
              "| net | engine | precision | latency ms (median, batch 1) | throughput img/s | in flight | vs f32 |",
              "|---|---|---|---:|---:|---|---:|"]
     for r in report["rows"]:
@@ -294,7 +296,8 @@ def main(argv=None) -> None:
 
     images, source = openvino_ir.check_images(args.data_dir, "age", 227, count=BENCH_IMAGES)
     report = {"cpu": cpu_name(), "versions": versions(), "images": source,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": [], "notes": []}
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": [], "notes": [],
+              "load_average_at_start": round(os.getloadavg()[0], 2)}
     for task in (("age", "gender") if args.net == "all" else (args.net,)):
         bench_net(task, args, images, report["rows"], report["notes"])
         int8 = openvino_ir.ir_paths(args.models_dir / "ir", tasks.TASKS[task]["net"], "INT8")["json"]
@@ -316,6 +319,7 @@ def main(argv=None) -> None:
                                "33 ms frame budget allows alongside both nets.")
     else:
         report["notes"].append(f"end-to-end run skipped: no UTKFace images at {args.utkface}")
+    report["load_average_at_end"] = round(os.getloadavg()[0], 2)
     atomic.write_text(args.out / "results.json", json.dumps(report, indent=2) + "\n")
     atomic.write_text(args.out / "results.md", markdown(report))
     print(markdown(report))
