@@ -80,9 +80,16 @@ class OpenVINOEngine(Engine):
         config = {"PERFORMANCE_HINT": "THROUGHPUT" if mode == "throughput" else "LATENCY"}
         try:
             model = core.read_model(files.xml, files.bin)
-            self.compiled = core.compile_model(model, self.device, config)
         except RuntimeError as exc:
-            raise EdgeError("{}: cannot load on {} ({})".format(files.xml, self.device, first_line(exc)))
+            raise EdgeError("{}: cannot read the IR ({})".format(files.xml, first_line(exc)))
+        try:
+            self.compiled = core.compile_model(model, self.device, config)
+        except RuntimeError:
+            # Older plugins (MYRIAD in 2022.3 among them) may not take every hint: try without.
+            try:
+                self.compiled = core.compile_model(model, self.device)
+            except RuntimeError as exc:
+                raise EdgeError("{}: cannot load on {} ({})".format(files.xml, self.device, first_line(exc)))
         output_shape = list(self.compiled.outputs[0].get_shape())
         check_outputs(files, list(self.compiled.inputs[0].get_shape()), int(np.prod(output_shape[1:])))
         self.request = self.compiled.create_infer_request()

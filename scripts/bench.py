@@ -32,6 +32,7 @@ LATENCY_RUNS = 40       # batch-1 inferences for the median
 THROUGHPUT_SECONDS = 3  # per engine: long enough for a stable rate, short enough for a few-minute run
 BENCH_IMAGES = 32
 VIDEO_FRAMES = 100
+SETTINGS = {"latency_runs": LATENCY_RUNS, "seconds": THROUGHPUT_SECONDS}  # --quick lowers them
 UTKFACE = REPO.parent / "shared" / "data" / "utkface"
 
 
@@ -72,7 +73,7 @@ def time_latency(infer, images) -> float:
     for image in images[:3]:  # warm-up: first calls allocate and compile kernels
         infer(image)
     times = []
-    for i in range(LATENCY_RUNS):
+    for i in range(SETTINGS["latency_runs"]):
         start = time.perf_counter()
         infer(images[i % len(images)])
         times.append(time.perf_counter() - start)
@@ -99,7 +100,7 @@ def openvino_row(xml, precision_hint, images):
     queue.wait_all()
     done[0] = 0
     start, i = time.perf_counter(), 0
-    while time.perf_counter() - start < THROUGHPUT_SECONDS:
+    while time.perf_counter() - start < SETTINGS["seconds"]:
         queue.start_async({0: images[i % len(images)][np.newaxis]})
         i += 1
     queue.wait_all()
@@ -117,7 +118,7 @@ def opencv_row(net, mean, images):
 
     latency = time_latency(infer, images)
     start, count = time.perf_counter(), 0
-    while time.perf_counter() - start < THROUGHPUT_SECONDS:
+    while time.perf_counter() - start < SETTINGS["seconds"]:
         infer(images[count % len(images)])
         count += 1
     return latency, count / (time.perf_counter() - start), 1
@@ -143,7 +144,7 @@ def torch_row(net, mean, images):
     batch = torch.cat(blobs[:8])
     infer(batch)
     start, count = time.perf_counter(), 0
-    while time.perf_counter() - start < THROUGHPUT_SECONDS:
+    while time.perf_counter() - start < SETTINGS["seconds"]:
         infer(batch)
         count += len(batch)
     return latency, count / (time.perf_counter() - start), "batch 8"
@@ -292,7 +293,12 @@ def main(argv=None) -> None:
     parser.add_argument("--utkface", type=Path, default=UTKFACE, help="faces for the end-to-end video")
     parser.add_argument("--out", type=Path, default=REPO / "bench", help="folder for results.md/.json")
     parser.add_argument("--net", choices=("age", "gender", "all"), default="all")
+    parser.add_argument("--quick", action="store_true", help="a few seconds in all (checks the bench, not the CPU)")
     args = parser.parse_args(argv)
+    frames = VIDEO_FRAMES
+    if args.quick:
+        SETTINGS.update(latency_runs=5, seconds=0.3)
+        frames = 10
 
     images, source = openvino_ir.check_images(args.data_dir, "age", 227, count=BENCH_IMAGES)
     report = {"cpu": cpu_name(), "versions": versions(), "images": source,
@@ -307,7 +313,7 @@ def main(argv=None) -> None:
                                    f"vs FP32 {100 * q['fp32_accuracy']:.1f}% ({q['test_images']} images)")
     if args.utkface.is_dir() and any(args.utkface.iterdir()):
         video = args.out / "e2e_640x480.avi"
-        face_video(video, args.utkface)
+        face_video(video, args.utkface, frames)
         report["end_to_end"] = []
         for precision in ("FP16", "INT8"):
             if openvino_ir.ir_paths(args.models_dir / "ir", "age_net", precision)["xml"].is_file():
