@@ -1,0 +1,349 @@
+"""Build the Caffe training data from a UTKFace folder: balanced train LMDBs, test LMDBs, mean file, manifest.
+
+    python -m dataset.build --utkface ~/UTKFace --out data --race asian --size 256 --test-fraction 0.2 --seed 1
+
+Writes into --out: lmdb/{age,gender}_{train,test}_lmdb (raw uint8 BGR CHW Datums, keys ``%08d_<file>``
+in the order Caffe reads them; train pre-shuffled), mean.binaryproto and mean.npy (the mean of the train
+split's original images, each once, before oversampling: one mean for both tasks, so both nets subtract
+the same image), {age,gender}_test.csv (the test records in LMDB order with the true age), splits/{train,test}.txt,
+and manifest.json (configuration, skipped files, duplicate groups, class counts, output hashes, versions).
+Every output is written under a temporary name and renamed only when all are complete.
+"""
+import argparse
+import collections
+import concurrent.futures
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from caffekit import formats
+from caffekit.atomic import atomic_path
+from caffekit.errors import KitError, cli
+from caffekit.proto import caffe_pb2
+from caffekit.tasks import AGE_LABELS, GENDER_LABELS
+from dataset import augment, split, utkface
+from dataset.lmdb_io import write_lmdb
+
+TASK_LABELS = {"age": AGE_LABELS, "gender": GENDER_LABELS}
+JPEG_QUALITY = 95  # for --encoded Datums (the benchmark's alternative; raw is the default)
+
+
+# ---------------------------------------------------------------- per-image work, run in threads
+class ImageJobs:
+    """The per-image steps of a build. They run in threads: OpenCV, NumPy's noise and array arithmetic,
+    and hashing release the GIL, and threads need no copying of records between processes."""
+
+    def __init__(self, folder: Path, size: int, seed: int, encoded: bool):
+        self.folder, self.size, self.seed, self.encoded = folder, size, seed, encoded
+
+    def check(self, name: str):
+        """(name, sha256, image shape or None, reason) of one candidate file."""
+        data = (self.folder / name).read_bytes()
+        image, reason = utkface.check_image(data)
+        return name, hashlib.sha256(data).hexdigest(), None if image is None else image.shape, reason
+
+    def pixel_sum(self, names: List[str]) -> np.ndarray:
+        """Exact (integer) pixel sums of resized originals: the mean cannot depend on the order of the work."""
+        total = np.zeros((self.size, self.size, 3), np.uint64)
+        for name in names:
+            total += utkface.load(self.folder / name, self.size)
+        return total
+
+    def record(self, job) -> tuple:
+        """(key, serialized Datum) of one LMDB record."""
+        key, name, copy, label = job
+        image = utkface.load(self.folder / name, self.size)
+        if copy:
+            image = augment.augment(image, self.seed, name, copy)
+        if self.encoded:
+            ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+            datum = caffe_pb2.Datum(data=jpeg.tobytes(), label=label, encoded=True)
+        else:
+            datum = formats.array_to_datum(image.transpose(2, 0, 1), label)
+        return key.encode(), datum.SerializeToString()
+
+
+@contextlib.contextmanager
+def ordered_map(workers: int, ahead: int = 64):
+    """Yield ``imap(func, jobs)``: results in job order, at most ``ahead`` jobs in flight (bounded memory)."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        def imap(func, jobs):
+            pending = collections.deque()
+            for job in jobs:
+                pending.append(pool.submit(func, job))
+                if len(pending) >= ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+        yield imap
+
+
+# ---------------------------------------------------------------- stages
+def _bar(iterable, progress: bool, **kwargs):
+    # disable=None: bars on a terminal only, so logs and captured output stay clean.
+    return tqdm(iterable, disable=None if progress else True, leave=False, **kwargs)
+
+
+def scan(folder: Path, race: str):
+    """Candidates of the selected race by name, files skipped for their names, and the folder's file count."""
+    if not folder.exists():
+        raise KitError(f"{folder}: UTKFace folder not found (run `make download`, or put the images there)")
+    if not folder.is_dir():
+        raise KitError(f"{folder}: not a folder (expected a folder of UTKFace images)")
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise KitError(f"{folder}: cannot list folder ({exc.strerror})") from None
+    if not entries:
+        raise KitError(f"{folder}: folder is empty (expected UTKFace images)")
+    wanted = utkface.RACES[race]
+    candidates, skipped, other_race = [], [], 0
+    for name in entries:
+        if not (folder / name).is_file():
+            skipped.append({"file": name, "reason": "not a regular file (subfolders are not searched)"})
+            continue
+        face, reason = utkface.parse_name(name)
+        if face is None:
+            skipped.append({"file": name, "reason": reason})
+        elif wanted is not None and face.race != wanted:
+            other_race += 1
+        else:
+            candidates.append(face)
+    return candidates, skipped, {"files": len(entries), "other_race": other_race}
+
+
+def check_images(candidates, jobs: "ImageJobs", imap, progress: bool):
+    """Candidates whose file is a usable image (with their sha256), and the others with reasons."""
+    usable, skipped = [], []
+    by_name = {face.name: face for face in candidates}
+    checks = imap(jobs.check, [face.name for face in candidates])
+    for name, sha, shape, reason in _bar(checks, progress, total=len(candidates), desc="check images"):
+        if shape is None:
+            skipped.append({"file": name, "reason": reason})
+        else:
+            usable.append(by_name[name]._replace(sha256=sha))
+    return usable, skipped
+
+
+def _summary(skipped: List[dict]) -> str:
+    reasons = collections.Counter(entry["reason"] for entry in skipped)
+    return "; ".join(f"{count} {reason}" for reason, count in reasons.most_common(3))
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def format_tables(classes: Dict[str, dict]) -> str:
+    """The class tables: records per class of each split, before and after oversampling."""
+    lines = []
+    for task, table in classes.items():
+        lines.append(f"{task:<8}{'train':>8}{'train+oversampled':>20}{'test':>8}")
+        rows = zip(table["labels"], table["train"], table["train_oversampled"], table["test"])
+        for label, before, after, test in rows:
+            lines.append(f"{label:<8}{before:>8}{after:>20}{test:>8}")
+        lines.append(f"{'total':<8}{sum(table['train']):>8}{sum(table['train_oversampled']):>20}"
+                     f"{sum(table['test']):>8}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _versions() -> dict:
+    import google.protobuf
+    import lmdb
+    import tqdm as tqdm_module
+
+    return {"python": sys.version.split()[0], "numpy": np.__version__, "opencv": cv2.__version__,
+            "lmdb": lmdb.__version__, "protobuf": google.protobuf.__version__, "tqdm": tqdm_module.__version__}
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _test_csv(items: List[split.Item], task: str) -> str:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["key", "source", "age", "gender", "label"])
+    for index, item in enumerate(items):
+        face = item.face
+        writer.writerow([item.key(index), face.name, face.age, face.gender, face.label(task)])
+    return text.getvalue()
+
+
+@contextlib.contextmanager
+def _cleanup_new_folders(out: Path):
+    """Remove the (empty) folders this build created if it fails, so nothing partial is left."""
+    missing = [path for path in (out / "lmdb", out / "splits", out) if not path.exists()]
+    try:
+        yield
+    except BaseException:
+        for path in missing:  # children first
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
+# ---------------------------------------------------------------- the build
+def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction: float = 0.2, seed: int = 1,
+          encoded: bool = False, workers: Optional[int] = None, progress: bool = True, tables: bool = True) -> dict:
+    """Build every output into ``out``; returns the manifest."""
+    folder, out = Path(utkface_dir), Path(out)
+    if race not in utkface.RACES:
+        raise KitError(f"race {race!r}: expected one of {', '.join(utkface.RACES)}")
+    if size < 8:
+        raise KitError(f"size {size}: expected at least 8 pixels")
+    if not 0 < test_fraction < 1:
+        raise KitError(f"test fraction {test_fraction}: expected a number between 0 and 1")
+    workers = workers or min(2, os.cpu_count() or 1)
+    _check_writable(out)
+
+    candidates, skipped, source = scan(folder, race)
+    jobs = ImageJobs(folder, size, seed, encoded)
+    with ordered_map(workers) as imap:
+        usable, bad_images = check_images(candidates, jobs, imap, progress)
+        skipped += bad_images
+        skipped.sort(key=lambda entry: entry["file"])
+        if not usable:
+            what = "image" if race == "all" else f"{race} image"
+            detail = f" ({_summary(skipped)})" if skipped else f" ({source['other_race']} of other races)"
+            raise KitError(f"{folder}: no usable {what} among {source['files']} files{detail}")
+
+        faces, groups = split.dedup(usable)
+        train, test = split.stratified_split(faces, test_fraction, seed)
+        if not train or not test:
+            raise KitError(f"{folder}: only {len(faces)} usable distinct images, too few to split into train and test")
+
+        test_items = split.shuffled(test, seed)
+        plans = {}
+        for task, labels in TASK_LABELS.items():
+            plans[f"{task}_train"] = split.oversample(train, task, len(labels), seed)
+            plans[f"{task}_test"] = test_items
+        classes = {task: {"labels": labels,
+                          "train": split.class_counts(train, task, len(labels)),
+                          "train_oversampled": split.class_counts(plans[f"{task}_train"], task, len(labels)),
+                          "test": split.class_counts(test, task, len(labels))}
+                   for task, labels in TASK_LABELS.items()}
+
+        record_bytes = 3 * size * size + 64
+        n_records = sum(len(items) for items in plans.values())
+        needed = n_records * record_bytes
+        if not encoded and _free_bytes(out) < needed * 1.05:
+            raise KitError(f"{out}: needs about {needed / 1e9:.1f} GB free, "
+                           f"{_free_bytes(out) / 1e9:.1f} GB available")
+
+        manifest = {
+            "config": {"utkface": str(folder), "out": str(out), "race": race, "size": size,
+                       "test_fraction": test_fraction, "seed": seed,
+                       "datum": "JPEG-encoded (encoded: true)" if encoded else "raw uint8 BGR CHW",
+                       "keys": "%08d_<source file>[~aug<k>], key order = the order Caffe reads"},
+            "source": {**source, "selected": len(candidates), "usable": len(usable), "distinct": len(faces),
+                       "skipped": len(skipped)},
+            "skipped": skipped,
+            "duplicates": {"rule": "byte-identical files (sha256) form a group; the (age bin, gender) label with "
+                                   "the most votes keeps one copy (first file by name); a tie drops the group",
+                           "groups": len(groups),
+                           "conflicting": sum(group["conflict"] for group in groups),
+                           "dropped": sum(group["kept"] is None for group in groups),
+                           "details": groups},
+            "split": {"stratified_by": ["age_bin", "gender"], "train": len(train), "test": len(test)},
+            "classes": classes,
+            "augmentation": {"applies_to": "train split only, each task oversampled separately",
+                             "flip": "odd copies mirrored horizontally",
+                             "gaussian_noise_sigma": list(augment.NOISE_SIGMA), "rng": "numpy PCG64, seeded"},
+            "mean": {"images": len(train), "shape": [1, 3, size, size], "channels": "BGR",
+                     "of": "the train split's original images, each once, before oversampling; "
+                           "one mean shared by both tasks"},
+            "outputs": {},
+            "versions": _versions(),
+        }
+
+        with _cleanup_new_folders(out), contextlib.ExitStack() as renames:
+            def staged(relative: str) -> Path:
+                # Every output is written to a temporary name; the renames happen when the stack closes,
+                # after all writes succeeded (the manifest, entered first, is renamed last).
+                return renames.enter_context(atomic_path(out / relative))
+
+            manifest_tmp = staged("manifest.json")
+            for name, items in plans.items():
+                task = name.split("_")[0]
+                records = [(item.key(index), item.face.name, item.copy, item.face.label(task))
+                           for index, item in enumerate(items)]
+                path = f"lmdb/{name}_lmdb"
+                made = _bar(imap(jobs.record, records), progress, total=len(records), desc=path)
+                manifest["outputs"][path] = write_lmdb(staged(path), made, len(records), record_bytes)
+
+            chunks = [[face.name for face in train[i:i + 64]] for i in range(0, len(train), 64)]
+            total = np.zeros((size, size, 3), np.uint64)
+            for partial in _bar(imap(jobs.pixel_sum, chunks), progress, total=len(chunks), desc="mean"):
+                total += partial
+            mean = (total / len(train)).astype(np.float32).transpose(2, 0, 1)
+            files = {relative: staged(relative) for relative in
+                     ("mean.binaryproto", "mean.npy", "age_test.csv", "gender_test.csv", "splits")}
+            formats.write_mean(files["mean.binaryproto"], mean)
+            with open(files["mean.npy"], "wb") as stream:  # np.save on a name would append ".npy"
+                np.save(stream, mean, allow_pickle=False)
+            for task in TASK_LABELS:
+                files[f"{task}_test.csv"].write_text(_test_csv(test_items, task))
+            files["splits"].mkdir()
+            for name, faces_of_split in (("train", train), ("test", test)):
+                files[f"splits/{name}.txt"] = files["splits"] / f"{name}.txt"
+                files[f"splits/{name}.txt"].write_text("".join(f"{face.name}\n" for face in faces_of_split))
+            del files["splits"]
+            for relative, path in files.items():
+                manifest["outputs"][relative] = {"sha256": _file_sha256(path)}
+            manifest_tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before the long work if ``out`` cannot be created or written."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise KitError(f"{out}: cannot write there ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise KitError(f"{out}: cannot write there ({existing} is not writable)")
+
+
+def build_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--utkface", required=True, type=Path, help="folder of UTKFace images (*.jpg.chip.jpg)")
+    parser.add_argument("--out", default=Path("data"), type=Path, help="output folder (default: data)")
+    parser.add_argument("--race", default="asian", choices=list(utkface.RACES), help="faces to use (default: asian)")
+    parser.add_argument("--size", default=256, type=int, help="square image size in the LMDBs (default: 256)")
+    parser.add_argument("--test-fraction", default=0.2, type=float, help="share of faces for test (default: 0.2)")
+    parser.add_argument("--seed", default=1, type=int, help="seed of the split, oversampling and order (default: 1)")
+    return parser
+
+
+@cli
+def main(argv=None) -> None:
+    args = build_argparser().parse_args(argv)
+    manifest = build(args.utkface, args.out, args.race, args.size, args.test_fraction, args.seed)
+    print(format_tables(manifest["classes"]))
+    source, duplicates = manifest["source"], manifest["duplicates"]
+    print(f"{source['files']} files, {source['selected']} {args.race}, {source['skipped']} skipped, "
+          f"{duplicates['groups']} duplicate groups ({duplicates['dropped']} dropped for conflicting labels), "
+          f"{manifest['split']['train']} train / {manifest['split']['test']} test faces")
+    print(f"wrote {args.out}/lmdb/*_lmdb, mean.binaryproto, mean.npy, *_test.csv, splits/, manifest.json")
+
+
+if __name__ == "__main__":
+    main()
