@@ -227,3 +227,27 @@ def test_int8_quantization_reports_accuracy(tmp_path):
     ops = {t for _, t, _ in openvino_ir.xml_op_versions(models / "ir/gender_net/INT8/gender_net.xml")}
     assert "FakeQuantize" in ops
     assert openvino_ir.newer_ops(models / "ir/gender_net/INT8/gender_net.xml") == []
+
+
+@pytest.mark.slow
+def test_compiles_the_newest_snapshot_of_the_trainer(tmp_path):
+    """The hand-off from stage 2: scripts/train.py (torch backend) writes snapshots, compile_ir.py finds the
+    newest one by itself and converts it."""
+    data = tmp_path / "data"
+    cf.write_random_mean(data / "mean.binaryproto")
+    cf.write_random_dataset(data, "gender", train=60, test=50)
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text('net: "caffe_models/gender_net/train_val.prototxt"\ntest_iter: 1\ntest_interval: 1000\n'
+                      'base_lr: 0.001\nlr_policy: "fixed"\nmax_iter: 2\nmomentum: 0.9\nweight_decay: 0.0005\n'
+                      'snapshot: 1\nsnapshot_prefix: "gender_net"\nsolver_mode: CPU\n')
+    models = tmp_path / "models"
+    train = subprocess.run([sys.executable, str(REPO / "scripts/train.py"), "--net", "gender", "--backend", "torch",
+                            "--data-dir", data, "--models-dir", models, "--solver", solver, "--no-progress"],
+                           capture_output=True, text=True, cwd=REPO)
+    if train.returncode != 0:
+        pytest.fail(f"trainer failed: {train.stderr[-2000:]}")
+    result = run(["--net", "gender", "--data-dir", data, "--models-dir", models, "--precision", "FP32"])
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((models / "ir/gender_net/FP32/gender_net.json").read_text())
+    assert Path(meta["caffe"]["caffemodel"]).name == "gender_net_iter_2.caffemodel"
+    assert meta["check"]["images"].startswith("8 images of") and meta["check"]["max_prob_difference"] < 1e-3
