@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Evaluate AgeNet or GenderNet on the test LMDB through OpenCV's Caffe importer.
+
+    python scripts/evaluate.py --net age --data-dir data --models-dir models
+    python scripts/evaluate.py --net gender --weights models/gender_net/gender_net_iter_6000.caffemodel
+
+Single centre crop and the 10-crop average; accuracy, per-class recall, the confusion matrix
+(printed and PNG), for age also 1-off accuracy and the MAE of the expected age. Outputs in
+MODELS_DIR/<net>_net/eval/: report.json, confusion_centre.png, confusion_10crop.png.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from caffekit import evaluation, tasks, training  # noqa: E402
+from caffekit.errors import KitError, cli  # noqa: E402
+
+
+def build_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--net", required=True, choices=sorted(training.NETS))
+    parser.add_argument("--data-dir", default="data", help="holds lmdb/<task>_test_lmdb and mean.binaryproto")
+    parser.add_argument("--models-dir", default="models")
+    parser.add_argument("--weights", help="caffemodel (default: the newest snapshot in MODELS_DIR/<net>_net)")
+    parser.add_argument("--deploy", help="deploy prototxt (default: MODELS_DIR/<net>_net/deploy.prototxt, "
+                                         "else caffe_models/<net>_net/deploy.prototxt)")
+    parser.add_argument("--batch", type=int, default=16, help="images per OpenCV forward (x10 crops)")
+    parser.add_argument("--out", help="output folder (default: MODELS_DIR/<net>_net/eval)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+@cli
+def main(argv=None) -> int:
+    args = build_argparser().parse_args(argv)
+    task = args.net
+    net = training.NETS[task]
+    model_dir = Path(args.models_dir) / net
+    data_dir = Path(args.data_dir)
+    weights = Path(args.weights) if args.weights else training.newest_snapshot(model_dir)
+    if weights is None:
+        raise KitError(f"{model_dir}: no *_iter_N.caffemodel snapshot found (train first, or give --weights)")
+    deploy = Path(args.deploy) if args.deploy else model_dir / "deploy.prototxt"
+    if not args.deploy and not deploy.is_file():
+        deploy = training.REPO / "caffe_models" / net / "deploy.prototxt"
+    class_names = tasks.labels(task)
+    classifier = evaluation.OpenCvClassifier(deploy, weights)
+    lmdb_path = data_dir / "lmdb" / f"{task}_test_lmdb"
+    started = time.time()
+    predictions = evaluation.predict(classifier, lmdb_path, data_dir / "mean.binaryproto", args.batch,
+                                     progress=not args.no_progress)
+    if predictions.labels.max(initial=0) >= len(class_names) or predictions.labels.min(initial=0) < 0:
+        raise KitError(f"{lmdb_path}: labels outside 0..{len(class_names) - 1} for the {task} task")
+    probs_width = predictions.centre.shape[1]
+    if probs_width != len(class_names):
+        raise KitError(f"{weights}: the net outputs {probs_width} classes, the {task} task has {len(class_names)}")
+    true_ages = None
+    centres = None
+    if task == "age":
+        centres = tasks.AGE_BIN_CENTRES
+        true_ages = evaluation.read_true_ages(data_dir / f"{task}_test.csv", predictions.keys)
+    out_dir = Path(args.out) if args.out else model_dir / "eval"
+    report = {"net": net, "weights": str(weights), "deploy": str(deploy), "test_lmdb": str(lmdb_path),
+              "classes": class_names, "seconds": None, "protocols": {}}
+    for protocol, probs in (("centre", predictions.centre), ("10crop", predictions.ten_crop)):
+        result = evaluation.metrics(predictions.labels, probs, class_names, true_ages, centres)
+        report["protocols"][protocol] = result
+        line = f"{net} {protocol:>6}: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['count']})"
+        if "one_off_accuracy" in result:
+            line += f", 1-off {result['one_off_accuracy']:.4f}"
+        if "mae_years" in result:
+            line += f", MAE {result['mae_years']:.2f} years"
+        print(line)
+        print("per-class recall: " + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -"
+                                               for k, v in result["per_class_recall"].items()))
+        print(f"confusion matrix ({protocol}; rows: true, columns: predicted)")
+        print(evaluation.format_confusion(result["confusion_matrix"], class_names))
+        print()
+        evaluation.plot_confusion(result["confusion_matrix"], class_names, out_dir / f"confusion_{protocol}.png",
+                                  f"{net} ({protocol}): accuracy {result['accuracy']:.3f}")
+    report["seconds"] = round(time.time() - started, 2)
+    evaluation.write_report(out_dir / "report.json", report)
+    print(f"report: {out_dir / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
