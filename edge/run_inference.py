@@ -316,7 +316,7 @@ def run_images(args, pipeline, reporter, detector, size):
 def run_stream(args, pipeline, reporter, detector, size, engines):
     capture = open_stream(args)
     name = args.video if args.video is not None else "camera{}".format(args.camera)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()  # process time: all threads, this process
     frames, last_print = 0, start
     try:
         while not reporter.stop and (args.max_frames is None or frames < args.max_frames):
@@ -338,10 +338,11 @@ def run_stream(args, pipeline, reporter, detector, size, engines):
     if frames == 0:
         raise EdgeError("{}: no frames could be read".format(name))
     elapsed = time.perf_counter() - start
+    cpu_ms = 1000 * (time.process_time() - cpu_start) / frames
     in_flight = max(getattr(engine, "requests_in_flight", 1) for engine in engines.values())
-    print("{}: {} frames in {:.1f} s = {:.1f} FPS (detection and both nets, {} requests in flight per net, {})"
-          .format(name, frames, elapsed, frames / elapsed, in_flight, next(iter(engines.values())).name),
-          file=sys.stderr)
+    print("{}: {} frames in {:.1f} s = {:.1f} FPS, {:.1f} ms CPU per frame (detection and both nets, {} requests "
+          "in flight per net, {})".format(name, frames, elapsed, frames / elapsed, cpu_ms, in_flight,
+                                          next(iter(engines.values())).name), file=sys.stderr)
     return EXIT_OK if reporter.with_face else EXIT_NO_FACE
 
 
