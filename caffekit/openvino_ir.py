@@ -279,7 +279,7 @@ def centre_crop(image_hwc: np.ndarray, size: int) -> np.ndarray:
 
 
 def lmdb_images(path, size: int, limit: Optional[int] = None, seed: int = 0) -> Tuple[List[np.ndarray], np.ndarray]:
-    """Centre crops (u8 BGR HWC) and labels of up to ``limit`` Datums spread evenly over an LMDB."""
+    """Centre crops (u8 BGR HWC) and labels of an LMDB's Datums: all, or a seeded random sample of ``limit``."""
     import lmdb
 
     path = Path(path)
@@ -294,9 +294,10 @@ def lmdb_images(path, size: int, limit: Optional[int] = None, seed: int = 0) -> 
             set(np.random.default_rng(seed).choice(entries, limit, replace=False).tolist())
         images, labels = [], []
         with env.begin() as txn:
-            for i, (_, value) in enumerate(txn.cursor()):
+            # Keys only while walking: a train LMDB holds gigabytes of pixels we do not need.
+            for i, key in enumerate(txn.cursor().iternext(keys=True, values=False)):
                 if i in wanted:
-                    datum = formats.parse_datum(value)
+                    datum = formats.parse_datum(txn.get(key))
                     images.append(centre_crop(formats.datum_to_array(datum).transpose(1, 2, 0), size))
                     labels.append(datum.label)
     finally:

@@ -203,7 +203,7 @@ def make_engine(files, device=None, backend="auto", mode="latency", caffemodel=N
     if openvino is not None:
         return OpenVINOEngine(files, device, mode, openvino)
     if device not in (None, "CPU"):
-        raise EdgeError("device {} needs OpenVINO, which is not installed; the OpenCV engine runs on CPU only"
-                        .format(device))
+        raise EdgeError("device {} needs the OpenVINO engine; the OpenCV engine runs on the CPU only{}".format(
+            device, "" if backend == "opencv" else " (and OpenVINO is not installed)"))
     return OpenCVEngine(files, caffemodel)
 

@@ -14,7 +14,8 @@ the runner uses OpenCV DNN on the caffemodels named in that JSON (CPU only).
 Exit codes:
   0    done; at least one face in every image (or somewhere in the video)
   2    error, one line on stderr: bad option, missing or mismatched model files, unreadable
-       image or video, requested device absent (the message lists those present)
+       image or video, requested device absent (the message lists those present); an
+       unreadable image among several is reported and the others are still processed
   3    no face found in at least one image (the others are still reported), or in no frame
        of a video or camera stream
   130  interrupted (Ctrl-C)
