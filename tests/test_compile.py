@@ -251,3 +251,20 @@ def test_compiles_the_newest_snapshot_of_the_trainer(tmp_path):
     meta = json.loads((models / "ir/gender_net/FP32/gender_net.json").read_text())
     assert Path(meta["caffe"]["caffemodel"]).name == "gender_net_iter_2.caffemodel"
     assert meta["check"]["images"].startswith("8 images of") and meta["check"]["max_prob_difference"] < 1e-3
+
+
+@pytest.mark.oracle
+def test_agenet_ir_matches_real_caffe(compiled, caffe_oracle, tmp_path):
+    """The FP32 AgeNet IR, preprocessing included, against pycaffe on the same caffemodel and mean."""
+    import oracle
+
+    data, models, _ = compiled
+    meta = json.loads((models / "ir/age_net/FP32/age_net.json").read_text())
+    deploy = REPO / "caffe_models/age_net/deploy.prototxt"
+    mean = openvino_ir.mean_crop(formats.read_mean(data / "mean.binaryproto"), 227)
+    images = openvino_ir.generated_images(227, 2, seed=11)
+    ir = openvino_ir.ir_probabilities(openvino_ir.compile_for_cpu(models / "ir/age_net/FP32/age_net.xml"), images)
+    caffe = [oracle.pycaffe_forward(caffe_oracle, deploy, tmp_path, ["prob"], Path(meta["caffe"]["caffemodel"]),
+                                    inputs={"data": image.transpose(2, 0, 1)[np.newaxis] - mean})["prob"][0]
+             for image in images]
+    assert openvino_ir.max_prob_difference(ir, np.concatenate(caffe)) < 1e-4
