@@ -49,21 +49,31 @@ class ImageJobs:
 
     def check(self, name: str):
         """(name, sha256, image shape or None, reason) of one candidate file."""
-        data = (self.folder / name).read_bytes()
+        try:
+            data = (self.folder / name).read_bytes()
+        except OSError as exc:
+            return name, "", None, f"unreadable file ({exc.strerror})"
         image, reason = utkface.check_image(data)
         return name, hashlib.sha256(data).hexdigest(), None if image is None else image.shape, reason
+
+    def load(self, name: str) -> np.ndarray:
+        """A checked file, resized; it passed the checks earlier, so a failure now means it changed."""
+        try:
+            return utkface.load(self.folder / name, self.size)
+        except (OSError, ValueError) as exc:
+            raise KitError(f"{self.folder / name}: changed or vanished during the build ({exc})") from None
 
     def pixel_sum(self, names: List[str]) -> np.ndarray:
         """Exact (integer) pixel sums of resized originals: the mean cannot depend on the order of the work."""
         total = np.zeros((self.size, self.size, 3), np.uint64)
         for name in names:
-            total += utkface.load(self.folder / name, self.size)
+            total += self.load(name)
         return total
 
     def record(self, job) -> tuple:
         """(key, serialized Datum) of one LMDB record."""
         key, name, copy, label = job
-        image = utkface.load(self.folder / name, self.size)
+        image = self.load(name)
         if copy:
             image = augment.augment(image, self.seed, name, copy)
         if self.encoded:
@@ -77,17 +87,21 @@ class ImageJobs:
 @contextlib.contextmanager
 def ordered_map(workers: int, ahead: int = 64):
     """Yield ``imap(func, jobs)``: results in job order, at most ``ahead`` jobs in flight (bounded memory)."""
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        def imap(func, jobs):
-            pending = collections.deque()
-            for job in jobs:
-                pending.append(pool.submit(func, job))
-                if len(pending) >= ahead:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
 
+    def imap(func, jobs):
+        pending = collections.deque()
+        for job in jobs:
+            pending.append(pool.submit(func, job))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    try:
         yield imap
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error or Ctrl-C, drop the queued work
 
 
 # ---------------------------------------------------------------- stages
@@ -138,8 +152,12 @@ def check_images(candidates, jobs: "ImageJobs", imap, progress: bool):
 
 
 def _summary(skipped: List[dict]) -> str:
-    reasons = collections.Counter(entry["reason"] for entry in skipped)
-    return "; ".join(f"{count} {reason}" for reason, count in reasons.most_common(3))
+    """The commonest reasons, each with a file that has it: ``2 zero-byte file (e.g. 30_0_2_x.jpg.chip.jpg)``."""
+    by_reason = collections.defaultdict(list)
+    for entry in skipped:
+        by_reason[entry["reason"]].append(entry["file"])
+    commonest = sorted(by_reason.items(), key=lambda item: -len(item[1]))[:3]
+    return "; ".join(f"{len(files)} {reason} (e.g. {files[0]})" for reason, files in commonest)
 
 
 def _free_bytes(path: Path) -> int:
