@@ -51,6 +51,13 @@ def _opset():
     return opset
 
 
+def _opset1():
+    # MaxPool and SoftMax exist in opset 1 with all that Caffe needs; the first versions are the
+    # ones every plugin of 2022.3 (MYRIAD included) implements natively.
+    import openvino.opset1 as opset
+    return opset
+
+
 def sha256(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
@@ -142,7 +149,7 @@ class _Builder:
         end = [_padding_end(h, kh, sh, ph, top_shape[2]), _padding_end(w, kw, sw, pw, top_shape[3])]
         if p.pool == p.MAX:
             # Caffe ignores padded cells in max pooling, as MaxPool does.
-            return self.op.max_pool(x, [sh, sw], [1, 1], [ph, pw], end, [kh, kw], "floor").output(0)
+            return _opset1().max_pool(x, [sh, sw], [ph, pw], end, [kh, kw], "floor")
         if p.pool == p.AVE:
             # Caffe divides by the window clipped to the padded image: real padding counts
             # as zeros, the extra cells of the rounded-up last window do not. Pad explicitly,
@@ -209,7 +216,7 @@ def build_model(net: CaffeNet, mean: np.ndarray, fp16_weights: bool = False):
         elif layer.type == "Dropout":
             y = bottom  # identity at test time (Caffe scales during training)
         elif layer.type == "Softmax":
-            y = op.softmax(bottom, layer.softmax_param.axis)
+            y = _opset1().softmax(bottom, layer.softmax_param.axis % len(bottom_shape))  # SoftMax-1: axis >= 0
         else:
             raise KitError(f"{net.deploy}: layer {layer.name!r} of type {layer.type!r} has no OpenVINO mapping")
         if not isinstance(y, ov.Output):
