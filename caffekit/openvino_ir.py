@@ -3,7 +3,8 @@
 The IR is built with OpenVINO's Python graph API (no Model Optimizer, no Caffe frontend:
 both are gone from current OpenVINO). Only operations of opsets 1-8 are used so that
 OpenVINO 2022.3, the last release with the MYRIAD plugin for the Neural Compute Stick 2,
-can load the result. Preprocessing is part of the graph: the input is the u8 BGR image in
+can load the result; in fact every op of these nets is its opset-1 version (MaxPool-1 and
+SoftMax-1 rather than the -8 ones), which every 2022.3 plugin implements. Preprocessing is part of the graph: the input is the u8 BGR image in
 NHWC, and the IR converts it to f32 NCHW and subtracts the training mean itself, so a
 runner never does arithmetic on pixels.
 
