@@ -170,9 +170,12 @@ def prepare(index, name, frame, detector, size):
 def describe(job, faces):
     if not faces:
         return "{}: no face found".format(job.name)
-    return "\n".join("{}: face {} at x={} y={} w={} h={}: age {} ({:.0%}), {} ({:.0%})".format(
-        job.name, i + 1, *(list(f.box) + [f.age, f.age_prob, f.gender, f.gender_prob]))
-        for i, f in enumerate(faces))
+    lines = []
+    for i, face in enumerate(faces):
+        x, y, w, h = face.box
+        lines.append("{}: face {} at x={} y={} w={} h={}: age {} ({:.0%}), {} ({:.0%})".format(
+            job.name, i + 1, x, y, w, h, face.age, face.age_prob, face.gender, face.gender_prob))
+    return "\n".join(lines)
 
 
 def as_json(job, faces, ms):
