@@ -76,6 +76,8 @@ class OpenVINOEngine(Engine):
         Core, AsyncInferQueue, self.version = openvino or import_openvino()
         core = Core()
         self.device = resolve_device(core, device)
+        if self.device.startswith("MYRIAD") and files.meta["precision"] == "INT8":
+            raise EdgeError("the Neural Compute Stick 2 (MYRIAD) runs FP16 models: use --precision FP16")
         self.name = "OpenVINO {} {} {}".format(self.version.split("-")[0], self.device, files.meta["precision"])
         config = {"PERFORMANCE_HINT": "THROUGHPUT" if mode == "throughput" else "LATENCY"}
         try:
