@@ -14,7 +14,7 @@ reader at the first record on resume).
 import queue
 import threading
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Tuple
 
 import numpy as np
 
@@ -99,16 +99,16 @@ class Transformer:
                                         (channels, height, width))
         self.out_shape = (channels, self.crop or height, self.crop or width)
 
-    def offsets(self, height: int, width: int, rng: Optional[np.random.Generator]):
+    def offsets(self, height: int, width: int, rng: np.random.Generator):
         """(do_mirror, h_off, w_off) in Caffe's order: mirror coin first, then the crop."""
-        do_mirror = bool(self.mirror and rng is not None and rng.integers(2))
+        do_mirror = bool(self.mirror and rng.integers(2))
         if not self.crop:
             return do_mirror, 0, 0
         if self.train:
             return do_mirror, int(rng.integers(height - self.crop + 1)), int(rng.integers(width - self.crop + 1))
         return do_mirror, (height - self.crop) // 2, (width - self.crop) // 2
 
-    def __call__(self, image: np.ndarray, rng: Optional[np.random.Generator], out: np.ndarray) -> None:
+    def __call__(self, image: np.ndarray, rng: np.random.Generator, out: np.ndarray) -> None:
         """Write the transformed ``image`` (uint8 C x H x W) into ``out`` (float32)."""
         _, height, width = image.shape
         do_mirror, h, w = self.offsets(height, width, rng)
@@ -147,7 +147,8 @@ class DataLayer:
 
     def batch(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
         """Batch number ``index`` of this layer (records index*batch_size onwards, wrapping)."""
-        rng = np.random.default_rng([self.seed, index]) if self.train else None
+        # Caffe mirrors at random whenever mirror is on, in TEST too; crops are random only in TRAIN.
+        rng = np.random.default_rng([self.seed, index, int(self.train)])
         data = np.empty(self.shape, np.float32)
         labels = np.empty(self.batch_size, np.float32)
         start = index * self.batch_size

@@ -74,7 +74,7 @@ def net_file(param: caffe_pb2.SolverParameter) -> str:
 
 
 def prepare_run(config: RunConfig) -> Tuple[caffe_pb2.SolverParameter, caffe_pb2.NetParameter]:
-    """Read, check and rewrite the solver and net; write the copies used and config.json."""
+    """Read, check and rewrite the solver and net for this run (nothing is written yet: see save_run)."""
     from caffekit import solver as solver_lib  # torch-free module part
 
     solver_path = Path(config.solver)
@@ -114,13 +114,18 @@ def prepare_run(config: RunConfig) -> Tuple[caffe_pb2.SolverParameter, caffe_pb2
     config.net_resolved = str(net_resolved)
     config.snapshot_prefix = param.snapshot_prefix
     config.extra.setdefault("net_source", net_source)
-    formats.write_prototxt(net_resolved, net)
-    formats.write_prototxt(solver_resolved, param)
+    return param, net
+
+
+def save_run(config: RunConfig, param: caffe_pb2.SolverParameter, net: caffe_pb2.NetParameter) -> None:
+    """Write the solver and net actually used, the matching deploy.prototxt and config.json."""
+    out_dir = Path(config.out_dir)
+    formats.write_prototxt(config.net_resolved, net)
+    formats.write_prototxt(config.solver_resolved, param)
     deploy = REPO / "caffe_models" / config.net / "deploy.prototxt"
-    if deploy.is_file() and Path(net_source).parent == deploy.parent:
+    if deploy.is_file() and Path(config.extra.get("net_source", "")).parent == deploy.parent:
         atomic.write_text(out_dir / "deploy.prototxt", deploy.read_text())
     write_config(config)
-    return param, net
 
 
 def write_config(config: RunConfig) -> None:
@@ -371,18 +376,16 @@ class Trainer:
         return shapes
 
     # -- weights in and out
-    def load_weights(self, path) -> List[str]:
-        model = formats.read_caffemodel(path)
+    def load_weights(self, path, model=None) -> List[str]:
+        model = model if model is not None else formats.read_caffemodel(path)
         copied = self.train_net.load_weights(graph.read_weights(model), str(path))
         if not copied:
             raise KitError(f"{path}: no layer of this network found in the caffemodel")
         return copied
 
-    def restore(self, path) -> None:
-        from caffekit import solver as solver_lib  # noqa: F401 (read through find_resume_files)
-
+    def restore(self, path, model=None) -> None:
         model_path, state_path, state = find_resume_files(path)
-        weights = graph.read_weights(formats.read_caffemodel(model_path))
+        weights = graph.read_weights(model if model is not None else formats.read_caffemodel(model_path))
         self.train_net.load_weights(weights, str(model_path), require_all=True)
         self.solver.restore(state, str(state_path))
         self.config.extra["resumed_from"] = str(state_path)
@@ -565,18 +568,22 @@ class Trainer:
 def train_torch(config: RunConfig, progress: bool = True) -> TrainResult:
     """Prepare the run and train it with the torch backend. Raises KeyboardInterrupt after the
     snapshot when stopped by Ctrl-C (the CLI turns that into a non-zero exit)."""
-    resume_files = find_resume_files(config.resume) if config.resume else None
     if config.weights and config.resume:
         raise KitError("give --weights or --resume, not both (as caffe train)")
+    # Everything that can fail on bad input fails here, before any output is written.
+    resume_files = find_resume_files(config.resume) if config.resume else None
+    start_model = None
     if config.weights:
-        formats.read_caffemodel(config.weights)  # fail early, before any output is written
+        start_model = formats.read_caffemodel(config.weights)
+    elif resume_files:
+        start_model = formats.read_caffemodel(resume_files[0])
     param, net = prepare_run(config)
     trainer = Trainer(config, param, net, progress=progress)
     if config.weights:
-        copied = trainer.load_weights(config.weights)
-        config.extra["weights_copied"] = copied
+        config.extra["weights_copied"] = trainer.load_weights(config.weights, start_model)
     if resume_files:
-        trainer.restore(resume_files[1])
+        trainer.restore(resume_files[1], start_model)
+    save_run(config, param, net)
     result = trainer.run()
     if result.interrupted:
         raise KeyboardInterrupt

@@ -55,15 +55,49 @@ def choose_backend(backend: str) -> str:
     return backend
 
 
-def caffe_command(config: training.RunConfig, caffe: str = "caffe"):
-    """`caffe train` on the resolved solver, with -snapshot or -weights."""
+def caffe_command(config: training.RunConfig, caffe: str = "caffe", start_state=None):
+    """`caffe train` on the resolved solver, resuming from ``start_state`` when given."""
     command = [caffe, "train", "-solver", config.solver_resolved]
     if config.resume:
         _, state_path, _ = training.find_resume_files(config.resume)
         command += ["-snapshot", str(Path(state_path).resolve())]
-    elif config.weights:
-        command += ["-weights", str(Path(config.weights).resolve())]
+    elif start_state:
+        command += ["-snapshot", str(Path(start_state).resolve())]
     return command
+
+
+def weights_solverstate(config: training.RunConfig, net) -> Path:
+    """An iteration-0 SolverState (zero momentum) naming --weights as its learned_net.
+
+    Resuming from it is what `caffe train -weights` does: Caffe's Restore copies the layers by
+    name with the same CopyTrainedLayersFrom. Used instead of -weights because some Caffe builds
+    (the SSD fork among them) silently ignore -weights in `caffe train`.
+    """
+    from caffekit import formats, graph
+    from caffekit.lmdb_data import LmdbSource
+    from caffekit.proto import caffe_pb2
+
+    data = training.data_layers(net, config.net_resolved)[graph.TRAIN]
+    source = LmdbSource(data.data_param.source)
+    channels, height, width = source.shape
+    source.close()
+    crop = data.transform_param.crop_size
+    batch = data.data_param.batch_size
+    layers = graph.net_layers(net, graph.TRAIN, config.net_resolved)
+    shapes = graph.blob_shapes(layers, {data.top[0]: (batch, channels, crop or height, crop or width),
+                                        data.top[1]: (batch,)})
+    state = caffe_pb2.SolverState(iter=0, learned_net=str(Path(config.weights).resolve()), current_step=0)
+    import numpy as np
+
+    for layer in layers:
+        if layer.bottom:
+            for shape in graph.learnable_shapes(layer, shapes[layer.bottom[0]]):
+                state.history.append(formats.array_to_blob(np.zeros(shape, np.float32)))
+    path = Path(config.out_dir) / "init_from_weights.solverstate"
+    from caffekit import atomic
+
+    atomic.write_bytes(path, state.SerializeToString())
+    return path
 
 
 def run_caffe(config: training.RunConfig, command, cwd: Path) -> int:
@@ -115,7 +149,7 @@ def caffe_log_to_csv(log_path: Path, out_dir: Path) -> None:
         training.plot_curves(log, out_dir / "learning_curve.png", "caffe train")
 
 
-def docker_command(config: training.RunConfig, image: str = DOCKER_IMAGE):
+def docker_command(config: training.RunConfig, image: str = DOCKER_IMAGE, start_state=None):
     """`caffe train` inside the docker/caffe image: the repo, data and models folders are mounted at
     the same absolute paths, so the resolved prototxts work unchanged inside the container."""
     mounts = []
@@ -125,7 +159,7 @@ def docker_command(config: training.RunConfig, image: str = DOCKER_IMAGE):
     command = ["docker", "run", "--rm", "--init", "-u", f"{os.getuid()}:{os.getgid()}", "-w", str(REPO)]
     for path in mounts:
         command += ["-v", f"{path}:{path}"]
-    return command + [image] + caffe_command(config)
+    return command + [image] + caffe_command(config, "caffe", start_state)
 
 
 def ensure_docker_image(image: str = DOCKER_IMAGE) -> None:
@@ -157,14 +191,16 @@ def main(argv=None) -> int:
         training.find_resume_files(config.resume)  # one-line error before anything is written
     if config.weights:
         training.formats.read_caffemodel(config.weights)
-    training.prepare_run(config)
+    param, net = training.prepare_run(config)
+    training.save_run(config, param, net)
+    start_state = weights_solverstate(config, net) if config.weights else None
     if backend == "caffe":
         caffe = shutil.which("caffe")
         if caffe is None:
             raise KitError("caffe: not found on PATH (build Caffe, use --backend docker, or --backend torch)")
-        command = caffe_command(config, caffe)
+        command = caffe_command(config, caffe, start_state)
     else:
-        command = docker_command(config)
+        command = docker_command(config, start_state=start_state)
     code = run_caffe(config, command, cwd=REPO)
     if code != 0:
         raise KitError(f"caffe train failed with exit status {code} (log: {Path(config.out_dir) / 'caffe_train.log'})")

@@ -58,8 +58,11 @@ def test_short_run_learns_and_writes_caffe_outputs(run):
     rows = read_log(out / "train_log.csv")
     losses = [float(r["loss"]) for r in rows if r["loss"]]
     assert len(losses) == ITERS and all(np.isfinite(losses))
-    assert np.mean(losses[-10:]) < np.mean(losses[:5]), losses
-    assert [int(r["iter"]) for r in rows if r["test_accuracy"]] == [0, 15, 30]
+    # The held-out loss (centre crops, no dropout: not noisy like the training loss of 10 random
+    # crops) falls within 30 iterations.
+    tests = {int(r["iter"]): float(r["test_loss"]) for r in rows if r["test_loss"]}
+    assert sorted(tests) == [0, 15, 30]
+    assert tests[30] < tests[0] - 0.05, tests
     # The copies actually used point into --data-dir and the models folder.
     resolved = (out / "train_val.prototxt").read_text()
     assert str(run["data"] / "lmdb" / "age_train_lmdb") in resolved
@@ -360,3 +363,11 @@ def test_caffe_backend_runs_real_caffe(tiny, tmp_path, caffe_oracle):
     # Caffe's snapshot reads back through caffekit with the shapes of our net.
     weights = graph.read_weights(formats.read_caffemodel(out / "age_net_iter_6.caffemodel"))
     assert weights["fc"][0].shape == (9, 8 * 6 * 6)  # 56 -> conv 13 -> pool (rounding up) 6
+    # --weights goes through an iteration-0 solverstate naming the caffemodel (what -weights does).
+    start = tiny["out"] / "age_net_iter_3.caffemodel"
+    proc = subprocess.run([sys.executable, str(TRAIN_PY), "--backend", "caffe", "--net", "age", "--data-dir",
+                           str(tiny["data"]), "--models-dir", str(tmp_path / "ft"), "--solver", str(tiny["solver"]),
+                           "--weights", str(start)], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "ft" / "age_net" / "caffe_train.log").read_text()
+    assert "init_from_weights.solverstate" in log and "age_net_iter_6.caffemodel" in log
