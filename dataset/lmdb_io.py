@@ -59,7 +59,8 @@ def write_lmdb(path: Path, records: Iterable[Tuple[bytes, bytes]], n_records: in
                 txn = env.begin(write=True)
                 pending = 0
         txn.commit()
-        env.sync(True)
+        # No fsync: the page cache writes the data out in its own time. A build is all-or-nothing through
+        # the atomic rename; waiting here for gigabytes to reach the disk would only make it slower.
     except BaseException:
         txn.abort()
         raise

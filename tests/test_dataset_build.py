@@ -259,3 +259,21 @@ def test_caffe_data_layer_reads_the_lmdb_and_mean(built, caffe_oracle, tmp_path)
     expected = np.stack([formats.datum_to_array(d).astype(np.float32) - mean for _, d in records])
     np.testing.assert_allclose(np.load(tmp_path / "data.npy"), expected, atol=1e-4)
     assert np.load(tmp_path / "label.npy").tolist() == [d.label for _, d in records]
+
+
+def test_encoded_datums_decode_close_to_the_source(source, built, tmp_path):
+    """--encoded: JPEG Datums (as Caffe's convert_imageset --encoded writes) that decode near the raw pixels."""
+    out, manifest = built
+    encoded = build(source["folder"], tmp_path / "encoded", race="all", size=SIZE, seed=SEED, encoded=True,
+                    progress=False)
+    assert encoded["classes"] == manifest["classes"] and encoded["config"]["datum"].startswith("JPEG")
+    for lmdb_name in ("age_test_lmdb", "gender_train_lmdb"):
+        raw = records_of(out, lmdb_name)
+        jpeg = records_of(tmp_path / "encoded", lmdb_name)
+        assert [key for key, _ in jpeg] == [key for key, _ in raw]
+        for (key, exact), (_, lossy) in zip(raw, jpeg):
+            assert lossy.encoded and lossy.label == exact.label
+            difference = np.abs(formats.datum_to_array(lossy).astype(int) - formats.datum_to_array(exact))
+            # JPEG keeps an original within a grey level or two, but smooths away part of a copy's noise
+            assert difference.mean() < (3 if "~aug" not in key else 8), key
+        assert sum(len(d.data) for _, d in jpeg) < sum(len(d.data) for _, d in raw) / 2
