@@ -239,7 +239,7 @@ def filler_weights(net: caffe_pb2.NetParameter, input_shape: Sequence[int], seed
     """Weights drawn as the prototxt's fillers say (gaussian std / constant value), seeded:
     the regime real training starts in."""
     layers = graph.net_layers(net, graph.TRAIN)
-    shapes = graph.blob_shapes(layers, {layers[0].top[0]: tuple(input_shape)})
+    shapes = graph.blob_shapes(layers, {"data": tuple(input_shape), "label": tuple(input_shape[:1])})
     rng = np.random.default_rng(seed)
     weights = {}
     for layer in layers:

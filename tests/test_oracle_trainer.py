@@ -1,0 +1,188 @@
+"""The embedded torch trainer follows Caffe's solver step for step.
+
+From the same initial caffemodel and the same batches, `caffe train` and
+`scripts/train.py --backend torch` run 20 iterations of each net under two lr policies
+(step and inv, both changing the rate inside the 20 iterations) with momentum, weight
+decay and the prototxts' lr_mult 2 / decay_mult 0 on biases. Compared: the loss and the
+learning rate of every iteration, the test-phase outputs (centre crop of 256 images and of
+the mean image) at iterations 0 and 20, and the weights after 20 iterations.
+
+Made deterministic on both sides: dropout_ratio 0, no mirror, and train images stored at
+227x227 with crop_size 0 (Caffe draws TRAIN crops from its own RNG, which torch cannot
+replay). Everything else is the shipped train_val.prototxt.
+"""
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from caffekit import formats, graph
+from caffekit.proto import caffe_pb2
+from tests import oracle
+
+pytestmark = [pytest.mark.oracle, pytest.mark.slow]
+
+BATCH = 8
+ITERS = 20
+TRAIN_IMAGES = 40   # 5 batches: the readers wrap around 4 times in 20 iterations
+TEST_IMAGES = 8
+BASE_LR = 0.001
+# Large enough that decay visibly moves the weights inside 20 iterations (Caffe's usual
+# 5e-4 changes them by ~1e-8 per step, far below float noise), so a trainer that decayed
+# the biases, or decoupled decay from momentum, would fail the weight comparison.
+WEIGHT_DECAY = 0.5
+POLICIES = {
+    "step": dict(lr_policy="step", gamma=0.5, stepsize=5),   # rate halves at 5, 10, 15
+    "inv": dict(lr_policy="inv", gamma=0.1, power=0.75),     # rate falls every iteration
+}
+LOSS_RTOL = 1e-3        # the issue's bar
+# Weights after 20 iterations, per blob: |torch - Caffe| / |Caffe - initial| (L2 norms).
+# The dynamics amplify float noise: sums in another order (OpenBLAS im2col+GEMM vs oneDNN)
+# differ by ~1e-7, ReLU signs and max-pool argmaxes of near-ties then flip, and momentum
+# carries it on. Measured (AgeNet, inv): torch vs Caffe <= 2.9e-2 (biases, whose change is
+# small), and torch vs torch itself from initial weights perturbed by 1e-7 relative <= 3.8e-2:
+# the same noise floor. Deliberate semantic errors in the trainer give >= 0.19 (momentum in
+# torch's form 0.19-0.40, bias lr_mult 1 0.50, decoupled weight decay 0.85, decayed biases
+# 1e4) while some of them move the loss by less than the 1e-3 bar (bias lr_mult 1: 2e-4).
+WEIGHT_RTOL = 0.1
+NETS = {"age_net": "age", "gender_net": "gender"}
+
+
+@pytest.fixture(scope="module")
+def fidelity_data(tmp_path_factory, utkface_dir):
+    """Train LMDBs of 227x227 faces, test LMDBs of 256x256 faces, and a mean image for each size."""
+    folder = tmp_path_factory.mktemp("fidelity_data")
+    files = oracle.face_files(utkface_dir, TRAIN_IMAGES + TEST_IMAGES, seed=41)
+    for task in ("age", "gender"):
+        train, train_labels = oracle.load_faces(files[:TRAIN_IMAGES], 227, task)
+        test, test_labels = oracle.load_faces(files[TRAIN_IMAGES:], 256, task)
+        oracle.write_lmdb(folder / "lmdb" / f"{task}_train_lmdb", train, train_labels)
+        oracle.write_lmdb(folder / "lmdb" / f"{task}_test_lmdb", test, test_labels)
+    train256, _ = oracle.load_faces(files[:TRAIN_IMAGES], 256)
+    formats.write_mean(folder / "mean227.binaryproto", train.astype(np.float64).mean(0).astype(np.float32))
+    formats.write_mean(folder / "mean256.binaryproto", train256.astype(np.float64).mean(0).astype(np.float32))
+    return folder
+
+
+def write_run_files(folder, data, net_name, policy):
+    """train_val and solver prototxts, and the initial caffemodel, for one comparison."""
+    task = NETS[net_name]
+    net = oracle.rewrite_train_val(oracle.REPO / "caffe_models" / net_name / "train_val.prototxt",
+                                   folder / "train_val.prototxt", data / "lmdb" / f"{task}_train_lmdb",
+                                   data / "lmdb" / f"{task}_test_lmdb", data / "mean256.binaryproto",
+                                   batch_size=BATCH, mirror=False, dropout_ratio=0.0)
+    train = oracle.data_layer(net, caffe_pb2.TRAIN).transform_param
+    train.crop_size = 0
+    train.mean_file = str(data / "mean227.binaryproto")
+    assert oracle.data_layer(net, caffe_pb2.TEST).transform_param.crop_size == 227  # centre crop, shipped
+    formats.write_prototxt(folder / "train_val.prototxt", net)
+    oracle.write_solver(folder / "solver.prototxt", folder / "train_val.prototxt", base_lr=BASE_LR,
+                        momentum=0.9, weight_decay=WEIGHT_DECAY, max_iter=ITERS, display=1, average_loss=1,
+                        test_iter=[1], test_interval=ITERS, random_seed=1, snapshot_prefix=str(folder / net_name),
+                        **POLICIES[policy])
+    layers = graph.net_layers(net, graph.TRAIN)
+    weights = oracle.filler_weights(net, (BATCH, 3, 227, 227), seed=len(net_name) + len(policy))
+    formats.write_caffemodel(folder / "init.caffemodel", graph.weights_to_model(net.name, layers, weights))
+    # The prototxts keep bias lr_mult 2 / decay_mult 0: the semantics under test.
+    specs = {(p.lr_mult, p.decay_mult) for layer in layers for p in layer.param}
+    assert specs == {(1, 1), (2, 0)}, specs
+    return weights
+
+
+def run_torch_trainer(folder, data, net_name, max_iter=None):
+    """scripts/train.py --backend torch from init.caffemodel; its train_log.csv rows by iteration."""
+    command = [sys.executable, str(oracle.REPO / "scripts" / "train.py"), "--net", NETS[net_name],
+               "--backend", "torch", "--solver", str(folder / "solver.prototxt"), "--data-dir", str(data),
+               "--models-dir", str(folder / "torch"), "--weights", str(folder / "init.caffemodel"),
+               "--precision", "fp32", "--no-progress"] + (["--max-iter", str(max_iter)] if max_iter else [])
+    proc = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    print(proc.stdout[-3000:], proc.stderr[-3000:])
+    assert proc.returncode == 0, f"train.py failed: {proc.stderr[-2000:]}"
+    with open(folder / "torch" / net_name / "train_log.csv", newline="") as f:
+        return {int(row["iter"]): row for row in csv.DictReader(f)}
+
+
+def relative_weight_diffs(init, caffe, torch):
+    """{layer/blob: |torch - caffe| / |caffe - init|} (L2 norms)."""
+    diffs = {}
+    for layer, arrays in caffe.items():
+        for i, theirs in enumerate(arrays):
+            ours = torch[layer][i].reshape(theirs.shape)
+            start = init[layer][i].reshape(theirs.shape)
+            change = np.linalg.norm(theirs.astype(np.float64) - start)
+            assert change > 0, f"{layer}/{i} did not move in Caffe"
+            diffs[f"{layer}/{i}"] = float(np.linalg.norm(ours.astype(np.float64) - theirs) / change)
+    return diffs
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize("net_name", sorted(NETS))
+def test_torch_trainer_follows_caffe(caffe_oracle, fidelity_data, tmp_path, net_name, policy):
+    init = write_run_files(tmp_path, fidelity_data, net_name, policy)
+    log = oracle.caffe_train_from(caffe_oracle, tmp_path / "solver.prototxt", tmp_path, tmp_path / "init.caffemodel")
+    rows = run_torch_trainer(tmp_path, fidelity_data, net_name)
+
+    caffe_losses = {i: out["loss"] for i, out in oracle.parse_train_outputs(log).items() if "loss" in out}
+    caffe_lrs = oracle.parse_lrs(log)
+    assert sorted(caffe_losses) == list(range(ITERS)) and sorted(caffe_lrs) == list(range(ITERS))
+    print("iter  caffe loss   torch loss   rel diff   caffe lr     torch lr")
+    worst = 0.0
+    for i in range(ITERS):
+        ours = float(rows[i]["loss"])
+        rel = abs(ours - caffe_losses[i]) / abs(caffe_losses[i])
+        worst = max(worst, rel)
+        print(f"{i:4d}  {caffe_losses[i]:.6f}  {ours:.6f}  {rel:.2e}  {caffe_lrs[i]:.6g}  {rows[i]['lr']}")
+        assert float(rows[i]["lr"]) == pytest.approx(caffe_lrs[i], rel=1e-5), f"lr at iteration {i}"
+    print(f"max loss rel diff over {ITERS} iterations: {worst:.2e}")
+    assert len({round(v, 12) for v in caffe_lrs.values()}) > 2, "the lr should change inside the run"
+    assert worst < LOSS_RTOL
+
+    # Test phase (centre crop of image and mean) before and after training.
+    caffe_tests = oracle.parse_test_outputs(log)
+    for i in (0, ITERS):
+        ours = float(rows[i]["test_loss"])
+        print(f"test loss at {i}: caffe {caffe_tests[i]['loss']:.6f} torch {ours:.6f}")
+        assert ours == pytest.approx(caffe_tests[i]["loss"], rel=LOSS_RTOL)
+        assert float(rows[i]["test_accuracy"]) == pytest.approx(caffe_tests[i]["accuracy"], abs=1e-6)
+
+    caffe_weights = graph.read_weights(formats.read_caffemodel(tmp_path / f"{net_name}_iter_{ITERS}.caffemodel"))
+    torch_weights = graph.read_weights(formats.read_caffemodel(
+        tmp_path / "torch" / net_name / f"{net_name}_iter_{ITERS}.caffemodel"))
+    diffs = relative_weight_diffs(init, caffe_weights, torch_weights)
+    print("weights after 20 iterations, |torch - caffe| / |caffe - init|: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    assert max(diffs.values()) < WEIGHT_RTOL, diffs
+
+
+def test_train_py_caffe_backend_matches_torch_backend(caffe_oracle, fidelity_data, tmp_path):
+    """`scripts/train.py --backend caffe` runs real `caffe train` (found on PATH) and leaves the
+    outputs the torch backend leaves; both backends give the same losses from the same weights."""
+    iters = 3
+    write_run_files(tmp_path, fidelity_data, "gender_net", "step")
+    # Resume from iteration 0 (see oracle.caffe_train_from: this Caffe build ignores -weights).
+    oracle.write_initial_state(tmp_path / "init.solverstate", tmp_path / "init.caffemodel")
+    common = [sys.executable, str(oracle.REPO / "scripts" / "train.py"), "--net", "gender",
+              "--solver", str(tmp_path / "solver.prototxt"), "--data-dir", str(fidelity_data),
+              "--max-iter", str(iters)]
+    env = dict(os.environ, PATH=f"{caffe_oracle['bin']}{os.pathsep}{os.environ['PATH']}")
+    caffe = subprocess.run(common + ["--backend", "caffe", "--models-dir", str(tmp_path / "caffe"),
+                                     "--resume", str(tmp_path / "init.solverstate")],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    print(caffe.stdout[-3000:], caffe.stderr[-5000:])
+    assert caffe.returncode == 0
+    out = tmp_path / "caffe" / "gender_net"
+    log = (out / "caffe_train.log").read_text()
+    assert "Optimization Done" in log
+    model = formats.read_caffemodel(out / f"gender_net_iter_{iters}.caffemodel")
+    assert graph.read_weights(model).keys() == {"conv1", "conv2", "conv3", "fc6", "fc7", "fc8"}
+    with open(out / "train_log.csv", newline="") as f:
+        caffe_rows = {int(row["iter"]): row for row in csv.DictReader(f)}
+    caffe_losses = {i: out["loss"] for i, out in oracle.parse_train_outputs(log).items() if "loss" in out}
+    torch_rows = run_torch_trainer(tmp_path, fidelity_data, "gender_net", max_iter=iters)
+    for i in range(iters):
+        assert float(caffe_rows[i]["smoothed_loss"]) == pytest.approx(caffe_losses[i], rel=1e-5)
+        assert float(torch_rows[i]["loss"]) == pytest.approx(caffe_losses[i], rel=LOSS_RTOL)
