@@ -163,15 +163,12 @@ def test_train_py_caffe_backend_matches_torch_backend(caffe_oracle, fidelity_dat
     outputs the torch backend leaves; both backends give the same losses from the same weights."""
     iters = 3
     write_run_files(tmp_path, fidelity_data, "gender_net", "step")
-    # Resume from iteration 0 (see oracle.caffe_train_from: this Caffe build ignores -weights).
-    oracle.write_initial_state(tmp_path / "init.solverstate", tmp_path / "init.caffemodel")
-    common = [sys.executable, str(oracle.REPO / "scripts" / "train.py"), "--net", "gender",
-              "--solver", str(tmp_path / "solver.prototxt"), "--data-dir", str(fidelity_data),
-              "--max-iter", str(iters)]
+    command = [sys.executable, str(oracle.REPO / "scripts" / "train.py"), "--net", "gender",
+               "--solver", str(tmp_path / "solver.prototxt"), "--data-dir", str(fidelity_data),
+               "--max-iter", str(iters), "--weights", str(tmp_path / "init.caffemodel"),
+               "--backend", "caffe", "--models-dir", str(tmp_path / "caffe")]
     env = dict(os.environ, PATH=f"{caffe_oracle['bin']}{os.pathsep}{os.environ['PATH']}")
-    caffe = subprocess.run(common + ["--backend", "caffe", "--models-dir", str(tmp_path / "caffe"),
-                                     "--resume", str(tmp_path / "init.solverstate")],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    caffe = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     print(caffe.stdout[-3000:], caffe.stderr[-5000:])
     assert caffe.returncode == 0
     out = tmp_path / "caffe" / "gender_net"
@@ -183,6 +180,7 @@ def test_train_py_caffe_backend_matches_torch_backend(caffe_oracle, fidelity_dat
         caffe_rows = {int(row["iter"]): row for row in csv.DictReader(f)}
     caffe_losses = {i: out["loss"] for i, out in oracle.parse_train_outputs(log).items() if "loss" in out}
     torch_rows = run_torch_trainer(tmp_path, fidelity_data, "gender_net", max_iter=iters)
+    # Equal losses from iteration 0 also show that Caffe started from --weights, not its fillers.
     for i in range(iters):
         assert float(caffe_rows[i]["smoothed_loss"]) == pytest.approx(caffe_losses[i], rel=1e-5)
         assert float(torch_rows[i]["loss"]) == pytest.approx(caffe_losses[i], rel=LOSS_RTOL)
