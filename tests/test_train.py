@@ -69,7 +69,7 @@ def test_short_run_learns_and_writes_caffe_outputs(run):
     solver = formats.read_solver(out / "solver.prototxt")
     assert solver.snapshot_prefix == str(out / "age_net")
     state = solver_lib.read_solverstate(out / "age_net_iter_30.solverstate")
-    assert state.iter == ITERS and len(state.history) == 16
+    assert state.iter == ITERS and len(state.history) == 12  # 6 layers x (weights, bias)
     assert state.learned_net == str(out / "age_net_iter_30.caffemodel")
 
 
