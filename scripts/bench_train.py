@@ -40,6 +40,7 @@ def bench(net_name: str, batch: int, precision: str, iters: int, warmup: int, ch
     x = torch.randn(shapes[data.top[0]], generator=generator) * 50
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)
     y = torch.randint(0, classes, (batch,), generator=generator).float()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     times = []
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=6, help="timed iterations (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory layout")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last input and weights (the trainer uses NCHW)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     import torch
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     results = []
     for precision in args.precision:
         result = bench(training.NETS[args.net], args.batch, precision, args.iters, args.warmup,
-                       not args.no_channels_last)
+                       args.channels_last)
         results.append(result)
         print(f"{result['net']} batch {args.batch} {precision:>4} ({args.threads} threads, "
               f"{'channels_last' if result['channels_last'] else 'NCHW'}): "
