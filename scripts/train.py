@@ -163,12 +163,18 @@ def docker_command(config: training.RunConfig, image: str = DOCKER_IMAGE, start_
 
 
 def ensure_docker_image(image: str = DOCKER_IMAGE) -> None:
+    """Check the engine, then build docker/caffe as ``image`` unless it exists."""
     if not shutil.which("docker"):
         raise KitError("docker: not found on PATH (install Docker, or use --backend torch)")
+    info = subprocess.run(["docker", "info"], capture_output=True, text=True)
+    if info.returncode != 0:
+        reason = (info.stderr.strip().splitlines() or ["docker info failed"])[-1]
+        raise KitError(f"docker: the Docker engine is not reachable ({reason})")
     if subprocess.run(["docker", "image", "inspect", image], stdout=subprocess.DEVNULL,
                       stderr=subprocess.DEVNULL).returncode != 0:
-        print(f"building {image} from docker/caffe (once; about 10 minutes)", file=sys.stderr)
-        subprocess.run(["docker", "build", "-t", image, str(REPO / "docker" / "caffe")], check=True)
+        print(f"building {image} from docker/caffe (once; a few minutes)", file=sys.stderr)
+        if subprocess.run(["docker", "build", "-t", image, str(REPO / "docker" / "caffe")]).returncode != 0:
+            raise KitError(f"{REPO / 'docker' / 'caffe' / 'Dockerfile'}: docker build failed (see the output above)")
 
 
 @cli
