@@ -33,10 +33,31 @@ from caffekit.errors import KitError, cli
 from caffekit.proto import caffe_pb2
 from caffekit.tasks import AGE_LABELS, GENDER_LABELS
 from dataset import augment, split, utkface
-from dataset.lmdb_io import write_lmdb
+from dataset.lmdb_io import value_digest, write_lmdb
 
 TASK_LABELS = {"age": AGE_LABELS, "gender": GENDER_LABELS}
 JPEG_QUALITY = 95  # for --encoded Datums (the benchmark's alternative; raw is the default)
+
+
+def _varint(number: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, number = number & 0x7F, number >> 7
+        out.append(low | (0x80 if number else 0))
+        if not number:
+            return bytes(out)
+
+
+def raw_datum_bytes(image_hwc: np.ndarray, label: int) -> bytes:
+    """The serialized raw Datum of a uint8 H x W x 3 BGR image, byte for byte what
+    ``formats.array_to_datum(image.transpose(2, 0, 1), label).SerializeToString()`` gives, at a third
+    of the cost: OpenCV splits the planes (CHW) faster than NumPy copies a transposed view, and the
+    fields are written around them without protobuf's extra copies."""
+    height, width, channels = image_hwc.shape
+    planes = cv2.split(image_hwc)
+    header = (b"\x08" + _varint(channels) + b"\x10" + _varint(height) + b"\x18" + _varint(width)
+              + b"\x22" + _varint(image_hwc.size))
+    return b"".join([header, *(plane.data for plane in planes), b"\x28" + _varint(label)])
 
 
 # ---------------------------------------------------------------- per-image work, run in threads
@@ -71,7 +92,7 @@ class ImageJobs:
         return total
 
     def record(self, job) -> tuple:
-        """(key, serialized Datum) of one LMDB record."""
+        """(key, serialized Datum, its sha256) of one LMDB record."""
         key, name, copy, label = job
         image = self.load(name)
         if copy:
@@ -79,9 +100,10 @@ class ImageJobs:
         if self.encoded:
             ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
             datum = caffe_pb2.Datum(data=jpeg.tobytes(), label=label, encoded=True)
+            value = datum.SerializeToString()
         else:
-            datum = formats.array_to_datum(image.transpose(2, 0, 1), label)
-        return key.encode(), datum.SerializeToString()
+            value = raw_datum_bytes(image, label)
+        return key.encode(), value, value_digest(value)
 
 
 @contextlib.contextmanager

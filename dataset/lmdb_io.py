@@ -1,10 +1,12 @@
 """Writing and hashing LMDBs of Caffe Datum records.
 
-The content hash of an LMDB is the sha256 of its records in key order, each as
-``len(key) len(value)`` (two little-endian uint32) followed by the key and the value bytes.
-It hashes what Caffe reads, not ``data.mdb``, whose free pages and layout vary from run to run.
+The content hash of an LMDB covers what Caffe reads, not ``data.mdb``, whose free pages and layout
+vary from run to run: the sha256 of its records in key order, each as ``len(key)`` (little-endian
+uint32), the key, and the sha256 of the value. Hashing each value separately lets the threads that make
+the records hash them in parallel.
 """
 import hashlib
+import os
 import struct
 from pathlib import Path
 from typing import Iterable, Tuple
@@ -17,15 +19,17 @@ PAGE = 4096
 TXN_BYTES = 256 << 20
 
 
+def value_digest(value: bytes) -> bytes:
+    return hashlib.sha256(value).digest()
+
+
 class RecordHash:
     def __init__(self):
         self._sha = hashlib.sha256()
         self.records = 0
 
-    def update(self, key: bytes, value: bytes) -> None:
-        self._sha.update(struct.pack("<II", len(key), len(value)))
-        self._sha.update(key)
-        self._sha.update(value)
+    def update(self, key: bytes, digest_of_value: bytes) -> None:
+        self._sha.update(struct.pack("<I", len(key)) + key + digest_of_value)
         self.records += 1
 
     def hexdigest(self) -> str:
@@ -38,27 +42,33 @@ def map_size(n_records: int, max_value_bytes: int) -> int:
     return (n_records * pages_per_record + 1024) * PAGE * 5 // 4
 
 
-def write_lmdb(path: Path, records: Iterable[Tuple[bytes, bytes]], n_records: int, max_value_bytes: int) -> dict:
-    """Write ``records`` (key, value) in the order given (keys must increase) into a new LMDB folder."""
+def write_lmdb(path: Path, records: Iterable[Tuple[bytes, bytes, bytes]], n_records: int,
+               max_value_bytes: int) -> dict:
+    """Write ``records`` (key, value, value_digest(value)) in the order given (keys must increase)
+    into a new LMDB folder; returns the record count and content hash."""
     digest = RecordHash()
-    env = lmdb.open(str(path), map_size=map_size(n_records, max_value_bytes), subdir=True,
-                    meminit=False, sync=False, metasync=False, readahead=False)
+    # writemap: records are copied straight into the file's pages instead of into malloc'd pages that a
+    # commit then writes out; this halves the write time of a raw build (I/O-bound on a small VM).
+    env = lmdb.open(str(path), map_size=map_size(n_records, max_value_bytes), subdir=True, writemap=True,
+                    map_async=True, meminit=False, sync=False, metasync=False, readahead=False)
+    used_bytes = 0
     try:
         txn = env.begin(write=True)
         pending = 0
         previous = b""
-        for key, value in records:
+        for key, value, digest_of_value in records:
             if key <= previous:
                 raise ValueError(f"LMDB keys out of order: {key!r} after {previous!r}")
             previous = key
             txn.put(key, value, append=True)
-            digest.update(key, value)
+            digest.update(key, digest_of_value)
             pending += len(value)
             if pending >= TXN_BYTES:
                 txn.commit()
                 txn = env.begin(write=True)
                 pending = 0
         txn.commit()
+        used_bytes = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
         # No fsync: the page cache writes the data out in its own time. A build is all-or-nothing through
         # the atomic rename; waiting here for gigabytes to reach the disk would only make it slower.
     except BaseException:
@@ -66,6 +76,9 @@ def write_lmdb(path: Path, records: Iterable[Tuple[bytes, bytes]], n_records: in
         raise
     finally:
         env.close()
+    # writemap sized the file to map_size (sparse); cut it to the pages in use, the size LMDB writes
+    # without writemap, so the file's apparent size is its real size.
+    os.truncate(Path(path) / "data.mdb", used_bytes)
     return {"records": digest.records, "sha256": digest.hexdigest()}
 
 
@@ -83,5 +96,5 @@ def read_records(path) -> Iterable[Tuple[bytes, bytes]]:
 def lmdb_hash(path) -> dict:
     digest = RecordHash()
     for key, value in read_records(path):
-        digest.update(key, value)
+        digest.update(key, value_digest(value))
     return {"records": digest.records, "sha256": digest.hexdigest()}

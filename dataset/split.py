@@ -50,7 +50,7 @@ def dedup(faces: Sequence[Face]) -> Tuple[List[Face], List[dict]]:
         ranked = votes.most_common()
         group = {"sha256": sha, "files": [face.name for face in members],
                  "labels": [{"age": face.age, "gender": face.gender} for face in members],
-                 "conflict": len(votes) > 1}
+                 "conflict": len(votes) > 1, "ages_differ": len({face.age for face in members}) > 1}
         if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
             group["decision"] = "dropped: tie between conflicting labels"
             group["kept"] = None

@@ -122,3 +122,15 @@ def test_augment_is_a_seeded_flip_plus_small_noise():
         assert augment.NOISE_SIGMA[0] * 0.8 < difference.std() < augment.NOISE_SIGMA[1] * 1.2
     with pytest.raises(ValueError):
         augment.augment(image, 1, "a.jpg", 0)
+
+
+@pytest.mark.parametrize("shape, label", [((256, 256, 3), 0), ((96, 96, 3), 8), ((7, 300, 3), 1), ((1, 1, 3), 200)])
+def test_raw_datum_bytes_match_protobuf(shape, label):
+    from caffekit import formats
+    from dataset.build import raw_datum_bytes
+
+    image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    expected = formats.array_to_datum(image.transpose(2, 0, 1), label).SerializeToString()
+    assert raw_datum_bytes(image, label) == expected
+    assert raw_datum_bytes(image[:, ::-1], label) == formats.array_to_datum(
+        image[:, ::-1].transpose(2, 0, 1), label).SerializeToString()
