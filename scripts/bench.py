@@ -36,14 +36,22 @@ SETTINGS = {"latency_runs": LATENCY_RUNS, "seconds": THROUGHPUT_SECONDS}  # --qu
 UTKFACE = REPO.parent / "shared" / "data" / "utkface"
 
 
+# CPU features that decide which precisions run fast in OpenVINO's CPU plugin.
+FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx_vnni": "AVX-VNNI",
+            "avx512_bf16": "BF16", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
+
+
 def cpu_name() -> str:
+    name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
+                name = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
+    features = [label for flag, label in FEATURES.items() if flag in cpu_flags()]
+    return f"{name} ({os.cpu_count()} logical cores; {', '.join(features) or 'no AVX2'})"
 
 
 def cpu_flags() -> set:
