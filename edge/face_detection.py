@@ -22,7 +22,10 @@ import os
 import cv2
 import numpy as np
 
-CASCADE = os.path.join(cv2.data.haarcascades, "haarcascade_frontalface_default.xml")
+CASCADE_NAME = "haarcascade_frontalface_default.xml"
+# pip wheels ship the cascades as cv2.data; Debian's python3-opencv (apt, e.g. on a Pi) puts them here.
+CASCADE_FOLDERS = [getattr(getattr(cv2, "data", None), "haarcascades", ""), "/usr/share/opencv4/haarcascades",
+                   "/usr/share/opencv/haarcascades", "/usr/local/share/opencv4/haarcascades"]
 CHIP_SCALE = 0.98     # UTKFace chip side / Haar box side (measured, see above)
 CHIP_SHIFT_Y = 0.08   # (chip centre - box centre) / box side, downwards (measured)
 TRAINING_SIZE = 256   # dataset stage: chips resized to 256x256 (Caffe's convert_imageset --resize)
@@ -31,11 +34,21 @@ MIN_FACE = 30         # smallest face searched for, in pixels of the detection c
 SCALE_STEP = 1.15     # cascade pyramid step: 1.1 finds a few more faces at nearly twice the cost
 
 
+def cascade_path():
+    for folder in CASCADE_FOLDERS:
+        path = os.path.join(folder, CASCADE_NAME)
+        if folder and os.path.isfile(path):
+            return path
+    return None
+
+
 class FaceDetector(object):
     def __init__(self, detect_width=DETECT_WIDTH, min_face=MIN_FACE, scale_step=SCALE_STEP):
-        self.cascade = cv2.CascadeClassifier(CASCADE)
-        if self.cascade.empty():
-            raise RuntimeError("cannot load OpenCV's Haar cascade " + CASCADE)
+        path = cascade_path()
+        self.cascade = cv2.CascadeClassifier(path) if path else None
+        if self.cascade is None or self.cascade.empty():
+            raise RuntimeError("OpenCV's Haar cascade {} not found in {}".format(
+                CASCADE_NAME, ", ".join(f for f in CASCADE_FOLDERS if f)))
         self.detect_width = detect_width
         self.min_face = min_face
         self.scale_step = scale_step

@@ -360,7 +360,10 @@ def main(argv=None):
     engines = load_engines(args, "throughput" if several else "latency")
     labels = {task: engine.labels for task, engine in engines.items()}
     size = next(iter(engines.values())).size
-    detector = None if args.no_detect else FaceDetector()
+    try:
+        detector = None if args.no_detect else FaceDetector()
+    except RuntimeError as exc:
+        raise EdgeError("{} (or use --no-detect with face crops)".format(exc))
     pipeline = Pipeline(engines)
     reporter = Reporter(args, labels, several)
     try:
