@@ -10,6 +10,7 @@ only when a test fails.
 Also here: small builders for test inputs that both sides read (LMDBs of real faces,
 prototxt copies with rewritten paths), and parsers of Caffe's log lines.
 """
+import contextlib
 import json
 import os
 import re
@@ -152,6 +153,17 @@ def pycaffe_forward(oracle: dict, prototxt: Path, cwd: Path, blobs: Sequence[str
                 results[name].append(saved[key])
     results["params"] = params
     return results
+
+
+@contextlib.contextmanager
+def shown_on_failure(title: str, text: str):
+    """Print ``text`` (a Caffe log, a trainer's output) only if the block fails, so pytest shows it
+    with the failure and keeps passing runs quiet (even under -rA)."""
+    try:
+        yield
+    except BaseException:
+        print(f"----- {title} -----\n{text}")
+        raise
 
 
 # ---------------------------------------------------------------- Caffe's log lines

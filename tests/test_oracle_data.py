@@ -146,6 +146,6 @@ def test_compute_image_mean_on_dataset_build_output(caffe_oracle, built_dataset,
     explained = ours + n_aug / n_all * (images[copies].astype(np.float64).mean(0) - ours)
     difference = means["all"] - ours
     print(f"compute_image_mean(oversampled train LMDB) - mean.binaryproto: max |.| {np.abs(difference).max():.2f}, "
-          f"mean |.| {np.abs(difference).mean():.2f} grey levels, per channel (BGR) {difference.mean((1, 2)).round(2)}; "
-          f"{n_aug} of {n_all} records are augmented copies")
+          f"mean |.| {np.abs(difference).mean():.2f} grey levels, per channel (BGR) "
+          f"{difference.mean((1, 2)).round(2)}; {n_aug} of {n_all} records are augmented copies")
     assert np.abs(means["all"] - explained).max() < 1e-3

@@ -50,18 +50,17 @@ def test_caffe_trains_our_train_val_and_solver(caffe_oracle, faces_256, tmp_path
     formats.write_prototxt(tmp_path / "solver.prototxt", solver)
 
     log = oracle.caffe_train(caffe_oracle, tmp_path / "solver.prototxt", tmp_path)
-    print(log)  # shown by pytest only when an assertion below fails
-
-    losses = oracle.parse_losses(log)
-    # Iterations 0..2, and 3: Caffe's closing forward pass after the last update.
-    assert sorted(losses) == [0, 1, 2, 3]
-    assert all(math.isfinite(v) and v > 0 for v in losses.values())
-    # A fresh net guesses uniformly: the first loss is near log(classes).
-    assert abs(losses[0] - math.log(classes)) < 0.5 * math.log(classes)
-    tests = oracle.parse_test_outputs(log)
-    assert 0 in tests and 2 in tests and "accuracy" in tests[2] and "loss" in tests[2]
-    assert "Optimization Done" in log
-    # Caffe's snapshot after training: our reader knows every learnable layer of the prototxt.
-    model = formats.read_caffemodel(tmp_path / f"{net_name}_iter_3.caffemodel")
-    learnable = [layer.name for layer in net.layer if layer.type in ("Convolution", "InnerProduct")]
-    assert [layer.name for layer in model.layer if layer.blobs] == learnable
+    with oracle.shown_on_failure("caffe train log", log):
+        losses = oracle.parse_losses(log)
+        # Iterations 0..2, and 3: Caffe's closing forward pass after the last update.
+        assert sorted(losses) == [0, 1, 2, 3]
+        assert all(math.isfinite(v) and v > 0 for v in losses.values())
+        # A fresh net guesses uniformly: the first loss is near log(classes).
+        assert abs(losses[0] - math.log(classes)) < 0.5 * math.log(classes)
+        tests = oracle.parse_test_outputs(log)
+        assert 0 in tests and 2 in tests and "accuracy" in tests[2] and "loss" in tests[2]
+        assert "Optimization Done" in log
+        # Caffe's snapshot after training: our reader knows every learnable layer of the prototxt.
+        model = formats.read_caffemodel(tmp_path / f"{net_name}_iter_3.caffemodel")
+        learnable = [layer.name for layer in net.layer if layer.type in ("Convolution", "InnerProduct")]
+        assert [layer.name for layer in model.layer if layer.blobs] == learnable

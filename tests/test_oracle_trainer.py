@@ -103,8 +103,8 @@ def run_torch_trainer(folder, data, net_name, max_iter=None):
                "--precision", "fp32", "--no-progress"] + (["--max-iter", str(max_iter)] if max_iter else [])
     proc = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    print(proc.stdout[-3000:], proc.stderr[-3000:])
-    assert proc.returncode == 0, f"train.py failed: {proc.stderr[-2000:]}"
+    with oracle.shown_on_failure("train.py output", proc.stdout[-3000:] + proc.stderr[-5000:]):
+        assert proc.returncode == 0, f"train.py exited {proc.returncode}"
     with open(folder / "torch" / net_name / "train_log.csv", newline="") as f:
         return {int(row["iter"]): row for row in csv.DictReader(f)}
 
@@ -128,36 +128,37 @@ def test_torch_trainer_follows_caffe(caffe_oracle, fidelity_data, tmp_path, net_
     log = oracle.caffe_train_from(caffe_oracle, tmp_path / "solver.prototxt", tmp_path, tmp_path / "init.caffemodel")
     rows = run_torch_trainer(tmp_path, fidelity_data, net_name)
 
-    caffe_losses = {i: out["loss"] for i, out in oracle.parse_train_outputs(log).items() if "loss" in out}
-    caffe_lrs = oracle.parse_lrs(log)
-    assert sorted(caffe_losses) == list(range(ITERS)) and sorted(caffe_lrs) == list(range(ITERS))
-    print("iter  caffe loss   torch loss   rel diff   caffe lr     torch lr")
-    worst = 0.0
-    for i in range(ITERS):
-        ours = float(rows[i]["loss"])
-        rel = abs(ours - caffe_losses[i]) / abs(caffe_losses[i])
-        worst = max(worst, rel)
-        print(f"{i:4d}  {caffe_losses[i]:.6f}  {ours:.6f}  {rel:.2e}  {caffe_lrs[i]:.6g}  {rows[i]['lr']}")
-        assert float(rows[i]["lr"]) == pytest.approx(caffe_lrs[i], rel=1e-5), f"lr at iteration {i}"
-    print(f"max loss rel diff over {ITERS} iterations: {worst:.2e}")
-    assert len({round(v, 12) for v in caffe_lrs.values()}) > 2, "the lr should change inside the run"
-    assert worst < LOSS_RTOL
+    with oracle.shown_on_failure("caffe train log", log):
+        caffe_losses = {i: out["loss"] for i, out in oracle.parse_train_outputs(log).items() if "loss" in out}
+        caffe_lrs = oracle.parse_lrs(log)
+        assert sorted(caffe_losses) == list(range(ITERS)) and sorted(caffe_lrs) == list(range(ITERS))
+        print("iter  caffe loss   torch loss   rel diff   caffe lr     torch lr")
+        worst = 0.0
+        for i in range(ITERS):
+            ours = float(rows[i]["loss"])
+            rel = abs(ours - caffe_losses[i]) / abs(caffe_losses[i])
+            worst = max(worst, rel)
+            print(f"{i:4d}  {caffe_losses[i]:.6f}  {ours:.6f}  {rel:.2e}  {caffe_lrs[i]:.6g}  {rows[i]['lr']}")
+            assert float(rows[i]["lr"]) == pytest.approx(caffe_lrs[i], rel=1e-5), f"lr at iteration {i}"
+        print(f"max loss rel diff over {ITERS} iterations: {worst:.2e}")
+        assert len({round(v, 12) for v in caffe_lrs.values()}) > 2, "the lr should change inside the run"
+        assert worst < LOSS_RTOL
 
-    # Test phase (centre crop of image and mean) before and after training.
-    caffe_tests = oracle.parse_test_outputs(log)
-    for i in (0, ITERS):
-        ours = float(rows[i]["test_loss"])
-        print(f"test loss at {i}: caffe {caffe_tests[i]['loss']:.6f} torch {ours:.6f}")
-        assert ours == pytest.approx(caffe_tests[i]["loss"], rel=LOSS_RTOL)
-        assert float(rows[i]["test_accuracy"]) == pytest.approx(caffe_tests[i]["accuracy"], abs=1e-6)
+        # Test phase (centre crop of image and mean) before and after training.
+        caffe_tests = oracle.parse_test_outputs(log)
+        for i in (0, ITERS):
+            ours = float(rows[i]["test_loss"])
+            print(f"test loss at {i}: caffe {caffe_tests[i]['loss']:.6f} torch {ours:.6f}")
+            assert ours == pytest.approx(caffe_tests[i]["loss"], rel=LOSS_RTOL)
+            assert float(rows[i]["test_accuracy"]) == pytest.approx(caffe_tests[i]["accuracy"], abs=1e-6)
 
-    caffe_weights = graph.read_weights(formats.read_caffemodel(tmp_path / f"{net_name}_iter_{ITERS}.caffemodel"))
-    torch_weights = graph.read_weights(formats.read_caffemodel(
-        tmp_path / "torch" / net_name / f"{net_name}_iter_{ITERS}.caffemodel"))
-    diffs = relative_weight_diffs(init, caffe_weights, torch_weights)
-    print("weights after 20 iterations, |torch - caffe| / |caffe - init|: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
-    assert max(diffs.values()) < WEIGHT_RTOL, diffs
+        caffe_weights = graph.read_weights(formats.read_caffemodel(tmp_path / f"{net_name}_iter_{ITERS}.caffemodel"))
+        torch_weights = graph.read_weights(formats.read_caffemodel(
+            tmp_path / "torch" / net_name / f"{net_name}_iter_{ITERS}.caffemodel"))
+        diffs = relative_weight_diffs(init, caffe_weights, torch_weights)
+        print("weights after 20 iterations, |torch - caffe| / |caffe - init|: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+        assert max(diffs.values()) < WEIGHT_RTOL, diffs
 
 
 def test_train_py_caffe_backend_matches_torch_backend(caffe_oracle, fidelity_data, tmp_path):
@@ -171,8 +172,8 @@ def test_train_py_caffe_backend_matches_torch_backend(caffe_oracle, fidelity_dat
                "--backend", "caffe", "--models-dir", str(tmp_path / "caffe")]
     env = dict(os.environ, PATH=f"{caffe_oracle['bin']}{os.pathsep}{os.environ['PATH']}")
     caffe = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    print(caffe.stdout[-3000:], caffe.stderr[-5000:])
-    assert caffe.returncode == 0
+    with oracle.shown_on_failure("train.py --backend caffe output", caffe.stdout[-3000:] + caffe.stderr[-8000:]):
+        assert caffe.returncode == 0, f"train.py --backend caffe exited {caffe.returncode}"
     out = tmp_path / "caffe" / "gender_net"
     log = (out / "caffe_train.log").read_text()
     assert "Optimization Done" in log
