@@ -103,6 +103,22 @@ def test_no_detect_on_a_utkface_chip_matches_the_opencv_engine(models, utkface_d
     assert abs(ov_face["age_prob"] - cv_face["age_prob"]) < 1e-3
 
 
+def test_without_openvino_the_opencv_engine_takes_over(models, utkface_dir):
+    """A device with only numpy and OpenCV: importing openvino fails, the runner uses the caffemodel."""
+    _, (chip,) = face_chips(utkface_dir, 1, seed=5)
+    args = ["--models", str(models), "--precision", "FP32", "--image", str(chip), "--no-detect", "--json"]
+    code = ("import runpy, sys; sys.modules['openvino'] = None; sys.path.insert(0, {!r}); "
+            "sys.argv = ['run_inference.py'] + {!r}; runpy.run_path({!r}, run_name='__main__')"
+            .format(str(EDGE), args, str(EDGE / "run_inference.py")))
+    fallback = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert fallback.returncode == 0, fallback.stderr
+    explicit = run(*args, "--engine", "opencv")
+    assert json.loads(fallback.stdout)["faces"] == json.loads(explicit.stdout)["faces"]
+    refused = subprocess.run([sys.executable, "-c", code.replace("'--json']", "'--json', '--device', 'MYRIAD']")],
+                             capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode == 2 and "OpenVINO is not installed" in refused.stderr
+
+
 def test_folder_keeps_requests_in_flight_and_writes_annotations(models, utkface_dir, tmp_path):
     folder = tmp_path / "faces"
     folder.mkdir()
