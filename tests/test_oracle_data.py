@@ -11,7 +11,8 @@ import pytest
 
 from caffekit import formats
 from caffekit.proto import caffe_pb2
-from tests import oracle
+
+import oracle  # tests/oracle.py: runs the real Caffe
 
 pytestmark = pytest.mark.oracle
 

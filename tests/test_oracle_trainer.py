@@ -21,7 +21,8 @@ import pytest
 
 from caffekit import formats, graph
 from caffekit.proto import caffe_pb2
-from tests import oracle
+
+import oracle  # tests/oracle.py: runs the real Caffe
 
 pytestmark = [pytest.mark.oracle, pytest.mark.slow]
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from caffekit import formats, graph
-from tests import oracle
+
+import oracle  # tests/oracle.py: runs the real Caffe
 
 pytestmark = pytest.mark.oracle
 
