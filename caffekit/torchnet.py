@@ -8,7 +8,7 @@ window size, Dropout follows the phase rather than ``module.training``, the soft
 loss divides by the number of valid labels, and fillers follow Caffe's fan-in rules.
 """
 import math
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -173,7 +173,6 @@ class CaffeNet(nn.Module):
         where = f"{self.source}: layer {layer.name!r}"
         if layer.type == "Convolution":
             p = layer.convolution_param
-            (_, _), _, _, dilation = graph.conv_geometry(p)
             if p.axis != 1:
                 raise KitError(f"{where}: convolution axis {p.axis} is not supported")
         elif layer.type == "Pooling":
