@@ -467,9 +467,13 @@ def compile_precision(net: CaffeNet, task: str, precision: str, mean_file, ir_ro
         if diff > TOLERANCE[precision]:
             raise KitError(f"{folder}: IR and OpenCV's Caffe importer differ by {diff:.3g} in probability "
                            f"(allowed {TOLERANCE[precision]:g}) on {images_source}")
+        # For information: the CPU's own default precision (bf16 where the CPU has it), closer to
+        # what reduced-precision devices such as the NCS2 (fp16 arithmetic) do to activations.
+        default = ir_probabilities(compile_for_cpu(paths["xml"], None), images)
         return {"check": {"reference": f"OpenCV {_cv2_version()} Caffe importer", "images": images_source,
                           "max_prob_difference": diff, "tolerance": TOLERANCE[precision],
-                          "inference_precision": "f32"}}
+                          "inference_precision": "f32",
+                          "max_prob_difference_cpu_default_precision": max_prob_difference(default, reference)}}
 
     return write_ir(model, net, mean, folder, meta, check)
 

@@ -62,7 +62,8 @@ def compile_net(task: str, args) -> None:
                 continue
             print(f"  {precision}: {openvino_ir.ir_paths(ir_root, net_name, precision)['xml']}  "
                   f"max |p_IR - p_OpenCV| = {check['max_prob_difference']:.2g} "
-                  f"(limit {check['tolerance']:g}, {source}) [{time.perf_counter() - start:.1f} s]")
+                  f"(limit {check['tolerance']:g}, {source}; at the CPU's default precision: "
+                  f"{check['max_prob_difference_cpu_default_precision']:.2g}) [{time.perf_counter() - start:.1f} s]")
     if "INT8" in args.precision:
         start = time.perf_counter()
         meta = openvino_ir.quantize_int8(net, task, mean_file, ir_root, args.data_dir,
