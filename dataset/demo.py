@@ -6,7 +6,8 @@ Each image is a 200x200 JPEG named like UTKFace (``age_gender_2_datetime.jpg.chi
 default ``--race asian`` build takes them all). Its content depends on its labels, so a net can learn
 something in a few iterations: a face-like ellipse that grows with the age bin and gets one forehead
 "wrinkle" line per bin and greyer hair with age, a skin tone and hair length that differ by gender, all
-jittered and noised. The set cycles through the 9 age bins and both genders, and is the same on every run.
+jittered and noised. Like UTKFace, the classes are unbalanced (more 0-9 and 20-29 faces, more women), so
+the build's oversampling has work to do; every age bin has both genders. The set is the same on every run.
 """
 import argparse
 from pathlib import Path
@@ -21,6 +22,10 @@ from dataset import utkface
 
 SIDE = 200
 SKIN = {0: (120, 150, 190), 1: (150, 160, 225)}  # BGR: gender 0 male, 1 female
+# One cycle of age bins (bin b appears BIN_WEIGHTS[b] times), and the gender of each successive cycle.
+BIN_WEIGHTS = [3, 1, 4, 2, 1, 1, 1, 1, 1]
+CYCLE = [age_bin for age_bin, weight in enumerate(BIN_WEIGHTS) for _ in range(weight)]
+CYCLE_GENDERS = [0, 1, 1, 0, 1]
 
 
 def demo_face(age_bin: int, gender: int, rng: np.random.Generator) -> np.ndarray:
@@ -52,8 +57,8 @@ def demo_face(age_bin: int, gender: int, rng: np.random.Generator) -> np.ndarray
 def write_demo(out, count: int = 360, seed: int = 0) -> list:
     """Write ``count`` demo images into ``out`` (replacing an earlier demo set); returns their names."""
     out = Path(out)
-    if count < 2 * len(AGE_LABELS):
-        raise KitError(f"--count {count}: need at least {2 * len(AGE_LABELS)} images to cover 9 age bins x 2 genders")
+    if count < 2 * len(CYCLE):
+        raise KitError(f"--count {count}: need at least {2 * len(CYCLE)} images to cover 9 age bins x 2 genders")
     if out.exists():
         strangers = [entry.name for entry in out.iterdir() if utkface.parse_name(entry.name)[0] is None]
         if not out.is_dir() or strangers:
@@ -63,7 +68,8 @@ def write_demo(out, count: int = 360, seed: int = 0) -> list:
     with atomic_path(out) as tmp:
         tmp.mkdir()
         for index in range(count):
-            age_bin, gender = index % len(AGE_LABELS), (index // len(AGE_LABELS)) % 2
+            cycle, position = divmod(index, len(CYCLE))
+            age_bin, gender = CYCLE[position], CYCLE_GENDERS[cycle % len(CYCLE_GENDERS)]
             top = 100 if age_bin == len(AGE_LABELS) - 1 else 10 * age_bin + 10
             age = int(rng.integers(max(1, 10 * age_bin), top))
             name = f"{age}_{gender}_2_{20260101000000000 + index}.jpg.chip.jpg"
