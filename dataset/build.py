@@ -239,8 +239,78 @@ def _cleanup_new_folders(out: Path):
 
 
 # ---------------------------------------------------------------- the build
+def _manifest(folder, out, race, size, test_fraction, seed, encoded, source, candidates, usable, faces, skipped,
+              groups, train, test, classes) -> dict:
+    return {
+        "config": {"utkface": str(folder), "out": str(out), "race": race, "size": size,
+                   "test_fraction": test_fraction, "seed": seed,
+                   "datum": "JPEG-encoded (encoded: true)" if encoded else "raw uint8 BGR CHW",
+                   "keys": "%08d_<source file>[~aug<k>], key order = the order Caffe reads"},
+        "source": {**source, "selected": len(candidates), "usable": len(usable), "distinct": len(faces),
+                   "skipped": len(skipped)},
+        "skipped": skipped,
+        "duplicates": {"rule": "byte-identical files (sha256) form a group; the (age bin, gender) label with "
+                               "the most votes keeps one copy (first file by name); a tie drops the group",
+                       "groups": len(groups),
+                       "conflicting": sum(group["conflict"] for group in groups),
+                       "dropped": sum(group["kept"] is None for group in groups),
+                       "details": groups},
+        "split": {"stratified_by": ["age_bin", "gender"], "train": len(train), "test": len(test)},
+        "classes": classes,
+        "augmentation": {"applies_to": "train split only, each task oversampled separately",
+                         "flip": "odd copies mirrored horizontally",
+                         "gaussian_noise_sigma": list(augment.NOISE_SIGMA), "rng": "numpy PCG64, seeded"},
+        "mean": {"images": len(train), "shape": [1, 3, size, size], "channels": "BGR",
+                 "of": "the train split's original images, each once, before oversampling; "
+                       "one mean shared by both tasks"},
+        "outputs": {},
+        "versions": _versions(),
+    }
+
+
+def write_outputs(out: Path, plans: Dict[str, List[split.Item]], train, test, jobs: ImageJobs, imap,
+                  manifest: dict, record_bytes: int, progress: bool) -> None:
+    """Write every output under a temporary name; rename them all only once all are complete."""
+    with _cleanup_new_folders(out), contextlib.ExitStack() as renames:
+        def staged(relative: str) -> Path:
+            # The renames run when the stack closes, after every write succeeded; on an error or Ctrl-C
+            # each temporary is removed instead. The manifest, entered first, is renamed last.
+            return renames.enter_context(atomic_path(out / relative))
+
+        manifest_tmp = staged("manifest.json")
+        for name, items in plans.items():
+            task = name.split("_")[0]
+            records = [(item.key(index), item.face.name, item.copy, item.face.label(task))
+                       for index, item in enumerate(items)]
+            path = f"lmdb/{name}_lmdb"
+            made = _bar(imap(jobs.record, records), progress, total=len(records), desc=path)
+            manifest["outputs"][path] = write_lmdb(staged(path), made, len(records), record_bytes)
+
+        chunks = [[face.name for face in train[i:i + 64]] for i in range(0, len(train), 64)]
+        total = np.zeros((jobs.size, jobs.size, 3), np.uint64)
+        for partial in _bar(imap(jobs.pixel_sum, chunks), progress, total=len(chunks), desc="mean"):
+            total += partial
+        mean = (total / len(train)).astype(np.float32).transpose(2, 0, 1)
+
+        files = {relative: staged(relative) for relative in
+                 ("mean.binaryproto", "mean.npy", "age_test.csv", "gender_test.csv", "splits")}
+        formats.write_mean(files["mean.binaryproto"], mean)
+        with open(files["mean.npy"], "wb") as stream:  # np.save on a name would append ".npy"
+            np.save(stream, mean, allow_pickle=False)
+        for task in TASK_LABELS:
+            files[f"{task}_test.csv"].write_text(_test_csv(plans[f"{task}_test"], task))
+        splits = files.pop("splits")
+        splits.mkdir()
+        for name, faces in (("train", train), ("test", test)):
+            files[f"splits/{name}.txt"] = splits / f"{name}.txt"
+            files[f"splits/{name}.txt"].write_text("".join(f"{face.name}\n" for face in faces))
+        for relative, path in files.items():
+            manifest["outputs"][relative] = {"sha256": _file_sha256(path)}
+        manifest_tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+
+
 def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction: float = 0.2, seed: int = 1,
-          encoded: bool = False, workers: Optional[int] = None, progress: bool = True, tables: bool = True) -> dict:
+          encoded: bool = False, workers: Optional[int] = None, progress: bool = True) -> dict:
     """Build every output into ``out``; returns the manifest."""
     folder, out = Path(utkface_dir), Path(out)
     if race not in utkface.RACES:
@@ -256,8 +326,7 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
     jobs = ImageJobs(folder, size, seed, encoded)
     with ordered_map(workers) as imap:
         usable, bad_images = check_images(candidates, jobs, imap, progress)
-        skipped += bad_images
-        skipped.sort(key=lambda entry: entry["file"])
+        skipped = sorted(skipped + bad_images, key=lambda entry: entry["file"])
         if not usable:
             what = "image" if race == "all" else f"{race} image"
             detail = f" ({_summary(skipped)})" if skipped else f" ({source['other_race']} of other races)"
@@ -267,7 +336,6 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
         train, test = split.stratified_split(faces, test_fraction, seed)
         if not train or not test:
             raise KitError(f"{folder}: only {len(faces)} usable distinct images, too few to split into train and test")
-
         test_items = split.shuffled(test, seed)
         plans = {}
         for task, labels in TASK_LABELS.items():
@@ -281,73 +349,14 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
 
         # An upper bound of one record (a JPEG of a noisy image stays well under the raw size plus a page).
         record_bytes = 3 * size * size + (4096 if encoded else 64)
-        n_records = sum(len(items) for items in plans.values())
-        needed = n_records * record_bytes // (6 if encoded else 1)
+        needed = sum(len(items) for items in plans.values()) * record_bytes // (6 if encoded else 1)
         if _free_bytes(out) < needed * 1.05:
             raise KitError(f"{out}: the build needs about {needed / 1e9:.1f} GB, {_free_bytes(out) / 1e9:.1f} GB free"
                            + ("" if encoded else " (--encoded needs about 8x less)"))
 
-        manifest = {
-            "config": {"utkface": str(folder), "out": str(out), "race": race, "size": size,
-                       "test_fraction": test_fraction, "seed": seed,
-                       "datum": "JPEG-encoded (encoded: true)" if encoded else "raw uint8 BGR CHW",
-                       "keys": "%08d_<source file>[~aug<k>], key order = the order Caffe reads"},
-            "source": {**source, "selected": len(candidates), "usable": len(usable), "distinct": len(faces),
-                       "skipped": len(skipped)},
-            "skipped": skipped,
-            "duplicates": {"rule": "byte-identical files (sha256) form a group; the (age bin, gender) label with "
-                                   "the most votes keeps one copy (first file by name); a tie drops the group",
-                           "groups": len(groups),
-                           "conflicting": sum(group["conflict"] for group in groups),
-                           "dropped": sum(group["kept"] is None for group in groups),
-                           "details": groups},
-            "split": {"stratified_by": ["age_bin", "gender"], "train": len(train), "test": len(test)},
-            "classes": classes,
-            "augmentation": {"applies_to": "train split only, each task oversampled separately",
-                             "flip": "odd copies mirrored horizontally",
-                             "gaussian_noise_sigma": list(augment.NOISE_SIGMA), "rng": "numpy PCG64, seeded"},
-            "mean": {"images": len(train), "shape": [1, 3, size, size], "channels": "BGR",
-                     "of": "the train split's original images, each once, before oversampling; "
-                           "one mean shared by both tasks"},
-            "outputs": {},
-            "versions": _versions(),
-        }
-
-        with _cleanup_new_folders(out), contextlib.ExitStack() as renames:
-            def staged(relative: str) -> Path:
-                # Every output is written to a temporary name; the renames happen when the stack closes,
-                # after all writes succeeded (the manifest, entered first, is renamed last).
-                return renames.enter_context(atomic_path(out / relative))
-
-            manifest_tmp = staged("manifest.json")
-            for name, items in plans.items():
-                task = name.split("_")[0]
-                records = [(item.key(index), item.face.name, item.copy, item.face.label(task))
-                           for index, item in enumerate(items)]
-                path = f"lmdb/{name}_lmdb"
-                made = _bar(imap(jobs.record, records), progress, total=len(records), desc=path)
-                manifest["outputs"][path] = write_lmdb(staged(path), made, len(records), record_bytes)
-
-            chunks = [[face.name for face in train[i:i + 64]] for i in range(0, len(train), 64)]
-            total = np.zeros((size, size, 3), np.uint64)
-            for partial in _bar(imap(jobs.pixel_sum, chunks), progress, total=len(chunks), desc="mean"):
-                total += partial
-            mean = (total / len(train)).astype(np.float32).transpose(2, 0, 1)
-            files = {relative: staged(relative) for relative in
-                     ("mean.binaryproto", "mean.npy", "age_test.csv", "gender_test.csv", "splits")}
-            formats.write_mean(files["mean.binaryproto"], mean)
-            with open(files["mean.npy"], "wb") as stream:  # np.save on a name would append ".npy"
-                np.save(stream, mean, allow_pickle=False)
-            for task in TASK_LABELS:
-                files[f"{task}_test.csv"].write_text(_test_csv(test_items, task))
-            files["splits"].mkdir()
-            for name, faces_of_split in (("train", train), ("test", test)):
-                files[f"splits/{name}.txt"] = files["splits"] / f"{name}.txt"
-                files[f"splits/{name}.txt"].write_text("".join(f"{face.name}\n" for face in faces_of_split))
-            del files["splits"]
-            for relative, path in files.items():
-                manifest["outputs"][relative] = {"sha256": _file_sha256(path)}
-            manifest_tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        manifest = _manifest(folder, out, race, size, test_fraction, seed, encoded, source, candidates, usable,
+                             faces, skipped, groups, train, test, classes)
+        write_outputs(out, plans, train, test, jobs, imap, manifest, record_bytes, progress)
     return manifest
 
 
