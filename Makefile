@@ -17,7 +17,12 @@ SOLVER      ?=
 RESUME      ?=
 NET         ?= all
 WEIGHTS     ?=
-DEVICE      ?= CPU
+INIT_WEIGHTS ?=
+MAX_ITER    ?=
+PRECISION   ?=
+DEVICE      ?=
+IMAGE       ?=
+VIDEO       ?=
 DEMO_DIR    ?= demo
 
 RACES := asian white black indian others all
@@ -28,12 +33,14 @@ $(if $(filter $(BACKEND),$(BACKENDS)),,$(error BACKEND=$(BACKEND): expected one 
 $(if $(filter $(NET),$(NETS)),,$(error NET=$(NET): expected one of $(NETS)))
 
 TRAIN_ARGS = --backend $(BACKEND) --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) \
-             $(if $(SOLVER),--solver $(SOLVER)) $(if $(RESUME),--resume $(RESUME))
+             $(if $(SOLVER),--solver $(SOLVER)) $(if $(RESUME),--resume $(RESUME)) \
+             $(if $(INIT_WEIGHTS),--weights $(INIT_WEIGHTS)) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \
+             $(if $(PRECISION),--precision $(PRECISION))
 EVAL_ARGS  = --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS))
 IR_ARGS    = --net $(NET) --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS))
 
 .PHONY: help setup demo download dataset train-age train-gender test-age test-gender evaluate \
-        compile-ncs compile-int8 bench bench-dataset test oracle clean
+        compile-ncs compile-int8 run bench bench-dataset bench-train test test-oracle oracle clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -74,14 +81,25 @@ compile-ncs:  ## caffemodel -> OpenVINO IR, FP16 (NCS2) and FP32, in MODELS_DIR/
 compile-int8:  ## add INT8 IRs for CPUs (NNCF post-training quantization)
 	$(PY) scripts/compile_ir.py $(IR_ARGS) --precision INT8
 
+run:  ## the edge runner on IMAGE=... or VIDEO=... (DEVICE=, default MYRIAD when plugged in, else CPU)
+	$(if $(IMAGE)$(VIDEO),,$(error give IMAGE=photo.jpg or VIDEO=clip.mp4))
+	$(PY) edge/run_inference.py --models $(MODELS_DIR)/ir $(if $(DEVICE),--device $(DEVICE)) \
+	  $(if $(IMAGE),--image $(IMAGE)) $(if $(VIDEO),--video $(VIDEO))
+
 bench:  ## latency and throughput of every engine, both nets, and the end-to-end runner
-	$(PY) scripts/bench.py --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR)
+	$(PY) scripts/bench.py --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) --utkface $(UTKFACE_DIR)
+
+bench-train:  ## torch training throughput, AgeNet batch 50, fp32 and bf16
+	$(PY) scripts/bench_train.py --net age --batch 50 --threads 2 --json bench/train_speed.json
 
 bench-dataset:  ## time the dataset build (images/s, output size)
 	$(PY) -m dataset.bench --utkface $(UTKFACE_DIR) --race $(RACE)
 
 test:  ## the test suite (the same command CI runs)
 	$(PY) -m pytest -q
+
+test-oracle:  ## only the proofs against real Caffe (needs `make oracle`)
+	$(PY) -m pytest -m oracle -rA
 
 oracle:  ## build the real Caffe used as a test oracle (about 6 minutes)
 	test -x $${CAFFE_ORACLE_HOME:-$$HOME/.cache/caffe-oracle}/caffe/bin/caffe || bash ../shared/tools/caffe-oracle/build.sh
