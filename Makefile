@@ -12,6 +12,7 @@ RACE        ?= asian
 SIZE        ?= 256
 TEST_FRACTION ?= 0.2
 SEED        ?= 1
+ENCODED     ?=
 BACKEND     ?= auto
 SOLVER      ?=
 RESUME      ?=
@@ -59,7 +60,7 @@ download:  ## fetch and verify the official UTKFace archive into UTKFACE_DIR
 
 dataset:  ## UTKFace -> balanced LMDBs + mean.binaryproto in DATA_DIR
 	$(PY) -m dataset.build --utkface $(UTKFACE_DIR) --out $(DATA_DIR) --race $(RACE) \
-	  --size $(SIZE) --test-fraction $(TEST_FRACTION) --seed $(SEED)
+	  --size $(SIZE) --test-fraction $(TEST_FRACTION) --seed $(SEED) $(if $(ENCODED),--encoded)
 
 train-age:  ## train AgeNet (BACKEND=auto|torch|caffe|docker, SOLVER=, RESUME=)
 	$(PY) scripts/train.py --net age $(TRAIN_ARGS)
