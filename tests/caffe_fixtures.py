@@ -16,20 +16,19 @@ TASK_NETS = {"age": "age_net", "gender": "gender_net"}
 MEAN_SIZE = 256
 
 
-def random_weights(layers, shapes, seed: int = 0, logit_scale: float = 1.0):
+def random_weights(layers, shapes, seed: int = 0, logit_scale: float = 1.0, bias_std: float = 0.05):
+    """``{layer: [weights, bias]}`` with fan-in (He) scaled weights and gaussian biases of
+    ``bias_std``; the last learnable layer's weights are scaled by ``logit_scale`` too."""
+    learnable = [(layer, graph.learnable_shapes(layer, shapes[layer.bottom[0]])) for layer in layers if layer.bottom]
+    learnable = [(layer, blob_shapes) for layer, blob_shapes in learnable if blob_shapes]
     rng = np.random.default_rng(seed)
     weights = {}
-    for layer in layers:
-        if not layer.bottom:
-            continue
-        blob_shapes = graph.learnable_shapes(layer, shapes[layer.bottom[0]])
-        if not blob_shapes:
-            continue
+    for i, (layer, blob_shapes) in enumerate(learnable):
         fan_in = int(np.prod(blob_shapes[0][1:]))
-        w = rng.normal(0, np.sqrt(2.0 / fan_in), blob_shapes[0]).astype(np.float32)
-        arrays = [w]
+        std = np.sqrt(2.0 / fan_in) * (logit_scale if i == len(learnable) - 1 else 1.0)
+        arrays = [rng.normal(0, std, blob_shapes[0]).astype(np.float32)]
         if len(blob_shapes) > 1:
-            arrays.append(rng.normal(0, 0.05, blob_shapes[1]).astype(np.float32))
+            arrays.append(rng.normal(0, bias_std, blob_shapes[1]).astype(np.float32))
         weights[layer.name] = arrays
     return weights
 
@@ -82,6 +81,22 @@ def make_models_dir(root, tasks=("age", "gender"), seed: int = 0):
     return data, models
 
 
+def make_ir_tree(root, seed: int = 0):
+    """``make_models_dir(root)`` plus ``models/ir`` with FP16 and FP32 IRs of both nets, as
+    compile_ir.py lays it out. Returns (data_dir, models_dir)."""
+    from caffekit import openvino_ir
+
+    data, models = make_models_dir(root, seed=seed)
+    for task, net_name in TASK_NETS.items():
+        net = openvino_ir.CaffeNet(REPO / "caffe_models" / net_name / "deploy.prototxt",
+                                   next((models / net_name).glob("*.caffemodel")))
+        images, source = openvino_ir.check_images(data, task, 227, count=2)
+        for precision in ("FP16", "FP32"):
+            openvino_ir.compile_precision(net, task, precision, data / "mean.binaryproto", models / "ir",
+                                          images, source)
+    return data, models
+
+
 # ---------------------------------------------------------------- V1 syntax
 def to_v1(net):
     """A V1-syntax copy of a V2 NetParameter (``layers { type: CONVOLUTION }``, ``input_dim``),
@@ -107,15 +122,15 @@ def to_v1(net):
 
 # ---------------------------------------------------------------- LMDBs and face scenes
 def write_lmdb(path, images_chw, labels):
-    """A Caffe LMDB of raw uint8 Datums, keyed like convert_imageset ("%08d")."""
+    """A Caffe LMDB of raw uint8 Datums, keyed like convert_imageset ("%08d": read back in this order)."""
     import lmdb
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    env = lmdb.open(str(path), map_size=1 << 30)
+    env = lmdb.open(str(path), map_size=1 << 31)
     with env.begin(write=True) as txn:
         for i, (image, label) in enumerate(zip(images_chw, labels)):
-            txn.put(f"{i:08d}".encode(), formats.array_to_datum(image, int(label)).SerializeToString())
+            txn.put(f"{i:08d}".encode(), formats.array_to_datum(image, label).SerializeToString())
     env.close()
 
 

@@ -23,6 +23,7 @@ import cv2
 import lmdb
 import numpy as np
 
+from caffe_fixtures import write_lmdb  # noqa: F401  (oracle.write_lmdb: the tests' one LMDB writer)
 from caffekit import formats, graph
 from caffekit.proto import caffe_pb2
 from caffekit.tasks import age_to_bin
@@ -185,37 +186,31 @@ def parse_lrs(log: str) -> Dict[int, float]:
     return {int(m.group(1)): float(m.group(2)) for m in _ITER_LR.finditer(log)}
 
 
-def parse_train_outputs(log: str) -> Dict[int, Dict[str, float]]:
-    """``{iteration: {output: value}}`` from the ``Train net output #k: name = X`` lines
-    that follow each ``Iteration N, loss`` line (the raw, unsmoothed outputs)."""
+def _parse_outputs(log: str, start: "re.Pattern", output: "re.Pattern") -> Dict[int, Dict[str, float]]:
+    """``{iteration: {output: value}}``: ``output`` lines grouped under the last ``start`` line."""
     outputs: Dict[int, Dict[str, float]] = {}
     current = None
     for line in log.splitlines():
-        m = _ITER_LOSS.search(line)
+        m = start.search(line)
         if m:
             current = int(m.group(1))
             outputs[current] = {}
             continue
-        m = _TRAIN_OUTPUT.search(line)
+        m = output.search(line)
         if m and current is not None:
             outputs[current][m.group(2)] = float(m.group(3))
     return outputs
+
+
+def parse_train_outputs(log: str) -> Dict[int, Dict[str, float]]:
+    """``{iteration: {output: value}}`` from the ``Train net output #k: name = X`` lines
+    that follow each ``Iteration N, loss`` line (the raw, unsmoothed outputs)."""
+    return _parse_outputs(log, _ITER_LOSS, _TRAIN_OUTPUT)
 
 
 def parse_test_outputs(log: str) -> Dict[int, Dict[str, float]]:
     """``{iteration: {output: value}}`` from ``Iteration N, Testing net`` and ``Test net output`` lines."""
-    outputs: Dict[int, Dict[str, float]] = {}
-    current = None
-    for line in log.splitlines():
-        m = _TESTING.search(line)
-        if m:
-            current = int(m.group(1))
-            outputs[current] = {}
-            continue
-        m = _TEST_OUTPUT.search(line)
-        if m and current is not None:
-            outputs[current][m.group(2)] = float(m.group(3))
-    return outputs
+    return _parse_outputs(log, _TESTING, _TEST_OUTPUT)
 
 
 # ---------------------------------------------------------------- test inputs both sides read
@@ -274,17 +269,6 @@ def filler_weights(net: caffe_pb2.NetParameter, input_shape: Sequence[int], seed
 def data_layer(net: caffe_pb2.NetParameter, phase: int) -> caffe_pb2.LayerParameter:
     """The Data layer of ``net`` included in ``phase``."""
     return next(layer for layer in net.layer if layer.type == "Data" and any(r.phase == phase for r in layer.include))
-
-
-def write_lmdb(path: Path, images: np.ndarray, labels: Sequence[int]) -> None:
-    """An LMDB of raw Datums keyed ``%08d`` (as convert_imageset writes: read back in this order)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    env = lmdb.open(str(path), map_size=1 << 31, subdir=True)
-    with env.begin(write=True) as txn:
-        for i, (image, label) in enumerate(zip(images, labels)):
-            txn.put(f"{i:08d}".encode(), formats.array_to_datum(np.ascontiguousarray(image), int(label))
-                    .SerializeToString())
-    env.close()
 
 
 def read_lmdb(path: Path):

@@ -7,21 +7,13 @@ from pathlib import Path
 import pytest
 
 import caffe_fixtures as cf
-from caffekit import openvino_ir
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_bench_writes_a_table_naming_the_cpu(tmp_path, utkface_dir):
-    data, models = cf.make_models_dir(tmp_path)
-    for task, net_name in cf.TASK_NETS.items():  # both nets: the end-to-end run needs both
-        net = openvino_ir.CaffeNet(REPO / "caffe_models" / net_name / "deploy.prototxt",
-                                   next((models / net_name).glob("*.caffemodel")))
-        images, source = openvino_ir.check_images(data, task, 227, count=2)
-        for precision in ("FP16", "FP32"):
-            openvino_ir.compile_precision(net, task, precision, data / "mean.binaryproto", models / "ir",
-                                          images, source)
+    data, models = cf.make_ir_tree(tmp_path)  # both nets: the end-to-end run needs both
     out = tmp_path / "bench"
     result = subprocess.run([sys.executable, str(REPO / "scripts/bench.py"), "--data-dir", data, "--models-dir",
                              models, "--out", out, "--utkface", utkface_dir, "--quick", "--net", "gender"],

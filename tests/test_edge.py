@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import caffe_fixtures as cf
-from caffekit import openvino_ir
 
 REPO = Path(__file__).resolve().parents[1]
 EDGE = REPO / "edge"
@@ -30,14 +29,7 @@ FACE_SIDE = 150
 def models(tmp_path_factory):
     """models/ir with FP16 and FP32 IRs of both nets (random weights), as compile_ir.py lays it out."""
     root = tmp_path_factory.mktemp("edge")
-    data, models = cf.make_models_dir(root)
-    for task, net_name in cf.TASK_NETS.items():
-        net = openvino_ir.CaffeNet(REPO / "caffe_models" / net_name / "deploy.prototxt",
-                                   next((models / net_name).glob("*.caffemodel")))
-        images, source = openvino_ir.check_images(data, task, 227, count=2)
-        for precision in ("FP16", "FP32"):
-            openvino_ir.compile_precision(net, task, precision, data / "mean.binaryproto", models / "ir",
-                                          images, source)
+    data, models = cf.make_ir_tree(root)
     return models / "ir"
 
 

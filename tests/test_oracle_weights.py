@@ -7,6 +7,7 @@ import pytest
 
 from caffekit import formats, graph
 
+import caffe_fixtures as cf
 import oracle  # tests/oracle.py: runs the real Caffe
 
 pytestmark = pytest.mark.oracle
@@ -27,17 +28,7 @@ def random_weights(net_name, seed):
     net = formats.read_net(deploy_path(net_name))
     layers = graph.net_layers(net, graph.TEST)
     shapes = graph.blob_shapes(layers, graph.input_shapes(net, layers))
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for layer in layers:
-        blob_shapes = graph.learnable_shapes(layer, shapes[layer.bottom[0]]) if layer.bottom else []
-        if not blob_shapes:
-            continue
-        fan_in = int(np.prod(blob_shapes[0][1:]))
-        scale = np.sqrt(2.0 / fan_in) * (0.02 if layer.name == "fc8" else 1.0)
-        weights[layer.name] = [(rng.standard_normal(blob_shapes[0]) * scale).astype(np.float32),
-                               (rng.standard_normal(blob_shapes[1]) * 0.1).astype(np.float32)]
-    return net, layers, weights
+    return net, layers, cf.random_weights(layers, shapes, seed, logit_scale=0.02, bias_std=0.1)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from caffe_fixtures import write_lmdb
 from caffekit import formats
 from caffekit.tasks import age_to_bin
 
@@ -44,17 +45,6 @@ def synthetic_records(count: int, size: int, seed: int = 0):
         yield f"synthetic_{i}.png", age, gender, np.clip(image, 0, 255).astype(np.uint8)
 
 
-def write_lmdb(path: Path, items) -> None:
-    import lmdb
-
-    path.mkdir(parents=True, exist_ok=True)
-    env = lmdb.open(str(path), map_size=1 << 31)
-    with env.begin(write=True) as txn:
-        for key, image, label in items:
-            txn.put(key.encode(), formats.array_to_datum(image, label).SerializeToString())
-    env.close()
-
-
 def make_dataset(data_dir: Path, utkface_dir=None, train: int = 200, test: int = 60, size: int = 256,
                  seed: int = 0) -> Path:
     """DATA_DIR with lmdb/{age,gender}_{train,test}_lmdb, mean.binaryproto and <task>_test.csv."""
@@ -69,9 +59,8 @@ def make_dataset(data_dir: Path, utkface_dir=None, train: int = 200, test: int =
     formats.write_mean(data_dir / "mean.binaryproto", mean)
     for task in ("age", "gender"):
         for split, items in splits.items():
-            labelled = [(f"{i:08d}", image, age_to_bin(age) if task == "age" else gender)
-                        for i, (_, age, gender, image) in enumerate(items)]
-            write_lmdb(data_dir / "lmdb" / f"{task}_{split}_lmdb", labelled)
+            write_lmdb(data_dir / "lmdb" / f"{task}_{split}_lmdb", [image for *_, image in items],
+                       [age_to_bin(age) if task == "age" else gender for _, age, gender, _ in items])
         with (data_dir / f"{task}_test.csv").open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["key", "file", "age", "gender", "label"])
