@@ -191,6 +191,10 @@ def annotate(frame, faces, fps=None):
         text = "{} {:.0%}, {} {:.0%}".format(face.gender, face.gender_prob, face.age, face.age_prob)
         scale = max(0.4, min(1.0, w / 180.0))
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        if tw + 6 > out.shape[1]:  # a face filling a small image: shrink the label to stay readable in full
+            scale *= (out.shape[1] - 6) / float(tw)
+            (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+        x = max(0, min(x, out.shape[1] - tw - 4))
         top = max(y - th - base - 4, 0)
         cv2.rectangle(out, (x, top), (x + tw + 4, top + th + base + 4), colour, -1)
         cv2.putText(out, text, (x + 2, top + th + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
