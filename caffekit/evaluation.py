@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from caffekit import atomic, formats
+from caffekit import atomic, formats, graph
 from caffekit.errors import KitError
 from caffekit.lmdb_data import LmdbSource
 
@@ -51,16 +51,10 @@ class OpenCvClassifier:
         self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
         self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
         net = formats.read_net(deploy)
-        shape = None
-        for layer in net.layer:
-            if layer.type == "Input" and layer.input_param.shape:
-                shape = list(layer.input_param.shape[0].dim)
-        if shape is None and net.input_shape:
-            shape = list(net.input_shape[0].dim)
-        if shape is None and net.input_dim:
-            shape = list(net.input_dim[:4])
-        if shape is None or len(shape) != 4:
-            raise KitError(f"{deploy}: no 4-D input shape declared")
+        shapes = list(graph.input_shapes(net, graph.net_layers(net, graph.TEST, source=str(deploy))).values())
+        if len(shapes) != 1 or len(shapes[0]) != 4:
+            raise KitError(f"{deploy}: expected one 4-D input shape, found {shapes}")
+        shape = shapes[0]
         self.crop = int(shape[2])
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:

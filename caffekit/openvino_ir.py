@@ -258,15 +258,10 @@ def ir_probabilities(compiled, images_hwc: Sequence[np.ndarray]) -> np.ndarray:
 
 def opencv_probabilities(net: CaffeNet, mean: np.ndarray, images_hwc: Sequence[np.ndarray]) -> np.ndarray:
     """The same images through OpenCV's Caffe importer (the reference for the numerical check)."""
-    import cv2
+    from caffekit.evaluation import OpenCvClassifier
 
-    reference = cv2.dnn.readNetFromCaffe(str(net.deploy), str(net.caffemodel))
-    out = []
-    for image in images_hwc:
-        blob = image.transpose(2, 0, 1)[np.newaxis].astype(np.float32) - mean[np.newaxis]
-        reference.setInput(blob)
-        out.append(reference.forward().reshape(-1))
-    return np.stack(out)
+    batch = np.stack([image.transpose(2, 0, 1) for image in images_hwc]).astype(np.float32) - mean[np.newaxis]
+    return OpenCvClassifier(net.deploy, net.caffemodel).probabilities(batch)
 
 
 def opencv_reference_problem(net: CaffeNet) -> Optional[str]:
@@ -288,28 +283,20 @@ def centre_crop(image_hwc: np.ndarray, size: int) -> np.ndarray:
 
 def lmdb_images(path, size: int, limit: Optional[int] = None, seed: int = 0) -> Tuple[List[np.ndarray], np.ndarray]:
     """Centre crops (u8 BGR HWC) and labels of an LMDB's Datums: all, or a seeded random sample of ``limit``."""
-    import lmdb
+    from caffekit.lmdb_data import LmdbSource
 
-    path = Path(path)
-    if not (path / "data.mdb").is_file():
-        raise KitError(f"{path}: LMDB not found (run `make dataset` first)")
-    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False)
+    source = LmdbSource(path)
     try:
-        entries = env.stat()["entries"]
-        if entries == 0:
-            raise KitError(f"{path}: LMDB is empty")
-        wanted = set(range(entries)) if limit is None or limit >= entries else \
-            set(np.random.default_rng(seed).choice(entries, limit, replace=False).tolist())
+        count = len(source)
+        positions = range(count) if limit is None or limit >= count else \
+            sorted(np.random.default_rng(seed).choice(count, limit, replace=False).tolist())
         images, labels = [], []
-        with env.begin() as txn:
-            # Keys only while walking: a train LMDB holds gigabytes of pixels we do not need.
-            for i, key in enumerate(txn.cursor().iternext(keys=True, values=False)):
-                if i in wanted:
-                    datum = formats.parse_datum(txn.get(key))
-                    images.append(centre_crop(formats.datum_to_array(datum).transpose(1, 2, 0), size))
-                    labels.append(datum.label)
+        for position in positions:
+            image, label = source.image_label(position)
+            images.append(centre_crop(image.transpose(1, 2, 0), size))
+            labels.append(label)
     finally:
-        env.close()
+        source.close()
     return images, np.array(labels)
 
 
