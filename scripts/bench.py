@@ -116,13 +116,12 @@ def openvino_row(xml, precision_hint, images):
 
 
 def opencv_row(net, mean, images):
-    import cv2
+    from caffekit.evaluation import OpenCvClassifier
 
-    reference = cv2.dnn.readNetFromCaffe(str(net.deploy), str(net.caffemodel))
+    reference = OpenCvClassifier(net.deploy, net.caffemodel)
 
     def infer(image):
-        reference.setInput(image.transpose(2, 0, 1)[np.newaxis].astype(np.float32) - mean)
-        return reference.forward()
+        return reference.probabilities(image.transpose(2, 0, 1)[np.newaxis].astype(np.float32) - mean)
 
     latency = time_latency(infer, images)
     start, count = time.perf_counter(), 0
