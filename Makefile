@@ -25,10 +25,15 @@ DEVICE      ?=
 IMAGE       ?=
 VIDEO       ?=
 DEMO_DIR    ?= demo
+PRETRAIN    ?= 1
+PRETRAIN_DIR ?= $(DATA_DIR)/pretrain
+PRETRAIN_TEST_FRACTION ?= 0.05
 
 RACES := asian white black indian others all
 BACKENDS := auto torch caffe docker
 NETS := age gender all
+# Pre-train on all races, then fine-tune on RACE: the default unless PRETRAIN=0 or RACE=all (nothing to add).
+USE_PRETRAIN = $(and $(filter 1,$(PRETRAIN)),$(filter-out all,$(RACE)))
 $(if $(filter $(RACE),$(RACES)),,$(error RACE=$(RACE): expected one of $(RACES)))
 $(if $(filter $(BACKEND),$(BACKENDS)),,$(error BACKEND=$(BACKEND): expected one of $(BACKENDS)))
 $(if $(filter $(NET),$(NETS)),,$(error NET=$(NET): expected one of $(NETS)))
@@ -36,7 +41,7 @@ $(if $(filter $(NET),$(NETS)),,$(error NET=$(NET): expected one of $(NETS)))
 TRAIN_ARGS = --backend $(BACKEND) --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) \
              $(if $(SOLVER),--solver $(SOLVER)) $(if $(RESUME),--resume $(RESUME)) \
              $(if $(INIT_WEIGHTS),--weights $(INIT_WEIGHTS)) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \
-             $(if $(PRECISION),--precision $(PRECISION))
+             $(if $(PRECISION),--precision $(PRECISION)) $(if $(USE_PRETRAIN),--pretrain-data $(PRETRAIN_DIR))
 EVAL_ARGS  = --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS))
 IR_ARGS    = --net $(NET) --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS))
 
@@ -58,11 +63,14 @@ demo:  ## every stage end to end on a small generated set (or on UTKFACE_DIR=...
 download:  ## fetch and verify the official UTKFace archive into UTKFACE_DIR
 	$(PY) -m dataset.download --dest $(UTKFACE_DIR)
 
-dataset:  ## UTKFace -> balanced LMDBs + mean.binaryproto in DATA_DIR
+dataset:  ## UTKFace -> balanced LMDBs + mean.binaryproto in DATA_DIR, and the all-races set in DATA_DIR/pretrain
 	$(PY) -m dataset.build --utkface $(UTKFACE_DIR) --out $(DATA_DIR) --race $(RACE) \
 	  --size $(SIZE) --test-fraction $(TEST_FRACTION) --seed $(SEED) $(if $(ENCODED),--encoded)
+	$(if $(USE_PRETRAIN),$(PY) -m dataset.build --utkface $(UTKFACE_DIR) --out $(PRETRAIN_DIR) --race all \
+	  --size $(SIZE) --test-fraction $(PRETRAIN_TEST_FRACTION) --seed $(SEED) $(if $(ENCODED),--encoded) \
+	  --hold-out $(DATA_DIR)/splits/test.txt)
 
-train-age:  ## train AgeNet (BACKEND=auto|torch|caffe|docker, SOLVER=, RESUME=)
+train-age:  ## train AgeNet: pre-train on all races, fine-tune on RACE (PRETRAIN=0: RACE only; BACKEND=, SOLVER=, RESUME=)
 	$(PY) scripts/train.py --net age $(TRAIN_ARGS)
 
 train-gender:  ## train GenderNet

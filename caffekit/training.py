@@ -156,14 +156,17 @@ def find_resume_files(path) -> Tuple[Path, Path, caffe_pb2.SolverState]:
 
 
 def newest_snapshot(out_dir, suffix: str = ".caffemodel") -> Optional[Path]:
-    """The snapshot with the highest iteration number in ``out_dir``."""
+    """The snapshot written last in ``out_dir`` (the highest iteration among equally new files).
+
+    Last written, not highest iteration: a fine-tuning run of 800 iterations must win over the
+    6,000-iteration snapshot an earlier from-scratch run left in the same folder."""
     best = None
     for path in Path(out_dir).glob(f"*_iter_*{suffix}"):
         try:
             iteration = int(path.name[:-len(suffix)].rsplit("_iter_", 1)[1])
         except ValueError:
             continue
-        key = (iteration, path.stat().st_mtime)
+        key = (path.stat().st_mtime, iteration)
         if best is None or key > best[0]:
             best = (key, path)
     return best[1] if best else None

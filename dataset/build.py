@@ -7,6 +7,9 @@ in the order Caffe reads them; train pre-shuffled), mean.binaryproto and mean.np
 split's original images, each once, before oversampling: one mean for both tasks, so both nets subtract
 the same image), {age,gender}_test.csv (the test records in LMDB order with the true age), splits/{train,test}.txt,
 and manifest.json (configuration, skipped files, duplicate groups, class counts, output hashes, versions).
+--hold-out FILE keeps the faces listed there (one file name per line, e.g. another build's splits/test.txt)
+and every byte-identical copy of them out of this build: a pre-training set built from all races that
+never sees the Asian test faces.
 Every output is written under a temporary name and renamed only when all are complete.
 """
 import argparse
@@ -173,6 +176,27 @@ def check_images(candidates, jobs: "ImageJobs", imap, progress: bool):
     return usable, skipped
 
 
+def read_hold_out(path: Path) -> set:
+    """The file names listed in ``path``, one per line (a splits/test.txt)."""
+    try:
+        names = {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    except OSError as exc:
+        raise KitError(f"{path}: cannot read the hold-out list ({exc.strerror})") from None
+    if not names:
+        raise KitError(f"{path}: the hold-out list is empty (expected file names, one per line)")
+    return names
+
+
+def hold_out(usable, names: set):
+    """``usable`` without the listed faces and without any byte-identical copy of them (a duplicate under
+    another name, e.g. with another race in its name, would otherwise leak the held-out face)."""
+    held_shas = {face.sha256 for face in usable if face.name in names}
+    kept = [face for face in usable if face.name not in names and face.sha256 not in held_shas]
+    return kept, {"names_listed": len(names), "faces_removed": len(usable) - len(kept),
+                  "copies_under_other_names": sum(face.name not in names for face in usable
+                                                  if face.sha256 in held_shas)}
+
+
 def _summary(skipped: List[dict]) -> str:
     """The commonest reasons, each with a file that has it: ``2 zero-byte file (e.g. 30_0_2_x.jpg.chip.jpg)``."""
     by_reason = collections.defaultdict(list)
@@ -240,7 +264,7 @@ def _cleanup_new_folders(out: Path):
 
 # ---------------------------------------------------------------- the build
 def _manifest(folder, out, race, size, test_fraction, seed, encoded, source, candidates, usable, faces, skipped,
-              groups, train, test, classes) -> dict:
+              groups, train, test, classes, held_out) -> dict:
     return {
         "config": {"utkface": str(folder), "out": str(out), "race": race, "size": size,
                    "test_fraction": test_fraction, "seed": seed,
@@ -249,6 +273,7 @@ def _manifest(folder, out, race, size, test_fraction, seed, encoded, source, can
         "source": {**source, "selected": len(candidates), "usable": len(usable), "distinct": len(faces),
                    "skipped": len(skipped)},
         "skipped": skipped,
+        "held_out": held_out,
         "duplicates": {"rule": "byte-identical files (sha256) form a group; the (age bin, gender) label with "
                                "the most votes keeps one copy (first file by name); a tie drops the group",
                        "groups": len(groups),
@@ -310,9 +335,11 @@ def write_outputs(out: Path, plans: Dict[str, List[split.Item]], train, test, jo
 
 
 def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction: float = 0.2, seed: int = 1,
-          encoded: bool = False, workers: Optional[int] = None, progress: bool = True) -> dict:
+          encoded: bool = False, workers: Optional[int] = None, progress: bool = True,
+          hold_out_list: Optional[Path] = None) -> dict:
     """Build every output into ``out``; returns the manifest."""
     folder, out = Path(utkface_dir), Path(out)
+    held_names = read_hold_out(Path(hold_out_list)) if hold_out_list else None
     if race not in utkface.RACES:
         raise KitError(f"race {race!r}: expected one of {', '.join(utkface.RACES)}")
     if size < 8:
@@ -332,6 +359,13 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
             detail = f" ({_summary(skipped)})" if skipped else f" ({source['other_race']} of other races)"
             raise KitError(f"{folder}: no usable {what} among {source['files']} files{detail}")
 
+        held_out = None
+        if held_names is not None:
+            usable, held_out = hold_out(usable, held_names)
+            if not held_out["faces_removed"]:
+                raise KitError(f"{hold_out_list}: none of its {len(held_names)} file names is a usable image "
+                               f"of {folder} (a list from another folder?)")
+            held_out["list"] = str(hold_out_list)
         faces, groups = split.dedup(usable)
         train, test = split.stratified_split(faces, test_fraction, seed)
         if not train or not test:
@@ -355,7 +389,7 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
                            + ("" if encoded else " (--encoded needs about 8x less)"))
 
         manifest = _manifest(folder, out, race, size, test_fraction, seed, encoded, source, candidates, usable,
-                             faces, skipped, groups, train, test, classes)
+                             faces, skipped, groups, train, test, classes, held_out)
         write_outputs(out, plans, train, test, jobs, imap, manifest, record_bytes, progress)
     return manifest
 
@@ -383,18 +417,26 @@ def build_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--encoded", action="store_true",
                         help="store JPEG-encoded Datums (quality 95): about 8x smaller, not pixel-exact; "
                              "the default raw Datums decode back to the exact resized pixels")
+    parser.add_argument("--hold-out", type=Path, metavar="FILE",
+                        help="leave out the faces named in FILE (one per line, e.g. data/splits/test.txt) and "
+                             "their byte-identical copies: for a pre-training set that excludes a test split")
     return parser
 
 
 @cli
 def main(argv=None) -> None:
     args = build_argparser().parse_args(argv)
-    manifest = build(args.utkface, args.out, args.race, args.size, args.test_fraction, args.seed, args.encoded)
+    manifest = build(args.utkface, args.out, args.race, args.size, args.test_fraction, args.seed, args.encoded,
+                     hold_out_list=args.hold_out)
     print(format_tables(manifest["classes"]))
     source, duplicates = manifest["source"], manifest["duplicates"]
     print(f"{source['files']} files, {source['selected']} {args.race}, {source['skipped']} skipped, "
           f"{duplicates['groups']} duplicate groups ({duplicates['dropped']} dropped for conflicting labels), "
           f"{manifest['split']['train']} train / {manifest['split']['test']} test faces")
+    if manifest["held_out"]:
+        held = manifest["held_out"]
+        print(f"held out {held['faces_removed']} faces listed in {held['list']} "
+              f"({held['copies_under_other_names']} of them copies under other names)")
     print(f"wrote {args.out}/lmdb/*_lmdb, mean.binaryproto, mean.npy, *_test.csv, splits/, manifest.json")
 
 

@@ -11,7 +11,6 @@ age bins, input format, hashes of the sources, the measured check). FP16 and FP3
 checked against OpenCV's Caffe importer; INT8 reports its test accuracy against FP32.
 """
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -19,23 +18,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as `python scripts/compile_ir.py` without installing
 
-from caffekit import openvino_ir, tasks  # noqa: E402
+from caffekit import openvino_ir, tasks, training  # noqa: E402
 from caffekit.errors import KitError, cli  # noqa: E402
 
 
 def newest_snapshot(models_dir: Path, net_name: str) -> Path:
-    """The snapshot with the highest iteration number (or the newest file) in models_dir/<net>/."""
     folder = models_dir / net_name
-    candidates = sorted(folder.glob("*.caffemodel")) if folder.is_dir() else []
-    if not candidates:
-        raise KitError(f"{folder}: no .caffemodel found (train first with `make train-{net_name[:-4]}`, "
-                       f"or pass --weights)")
-
-    def key(path: Path):
-        match = re.search(r"_iter_(\d+)\.caffemodel$", path.name)
-        return (int(match.group(1)) if match else -1, path.stat().st_mtime)
-
-    return max(candidates, key=key)
+    found = training.newest_snapshot(folder) if folder.is_dir() else None
+    if found is None:
+        raise KitError(f"{folder}: no *_iter_N.caffemodel snapshot found (train first with "
+                       f"`make train-{net_name[:-4]}`, or pass --weights)")
+    return found
 
 
 def compile_net(task: str, args) -> None:

@@ -4,12 +4,21 @@
     python scripts/train.py --net age --data-dir data --models-dir models
     python scripts/train.py --net age --resume models/age_net/age_net_iter_2000.solverstate
     python scripts/train.py --net gender --backend caffe --solver caffe_models/gender_net/solver_levi_hassner.prototxt
+    python scripts/train.py --net age --pretrain-data data/pretrain     # the two-stage default of `make train-age`
+
+With --pretrain-data, training has two stages: stage 1 trains from scratch on the pre-training set
+(`make dataset` builds it from all races, with the test faces of DATA_DIR held out) with
+solver_pretrain.prototxt into MODELS_DIR/pretrain/<net>_net; stage 2 fine-tunes its last snapshot on
+DATA_DIR with --solver (default: solver_finetune.prototxt). A finished stage 1 is not run again;
+--resume continues whichever stage its snapshot belongs to.
 
 Outputs in MODELS_DIR/<net>_net/: the solver and train_val actually used (paths rewritten for
 DATA_DIR), <prefix>_iter_N.caffemodel/.solverstate snapshots, train_log.csv, learning_curve.png,
 config.json. Ctrl-C writes a snapshot of the current iteration (exit status 130); --resume continues.
 """
 import argparse
+import hashlib
+import json
 import os
 import re
 import shlex
@@ -34,11 +43,14 @@ def build_argparser() -> argparse.ArgumentParser:
                         help="auto: a native `caffe` on PATH, else torch (default: auto)")
     parser.add_argument("--data-dir", default="data", help="what `make dataset` wrote (default: data)")
     parser.add_argument("--models-dir", default="models", help="outputs go to MODELS_DIR/<net>_net (default: models)")
-    parser.add_argument("--solver", help="solver prototxt (default: caffe_models/<net>_net/solver.prototxt)")
+    parser.add_argument("--solver", help="solver prototxt (default: caffe_models/<net>_net/solver.prototxt, or "
+                                         "solver_finetune.prototxt with --pretrain-data)")
+    parser.add_argument("--pretrain-data", metavar="DIR",
+                        help="pre-train on DIR (solver_pretrain.prototxt), then fine-tune on --data-dir")
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--resume", help="a .solverstate (or the .caffemodel beside one) to continue from")
     start.add_argument("--weights", help="initial weights from a .caffemodel (fine-tuning; as caffe train -weights)")
-    parser.add_argument("--max-iter", type=int, help="override the solver's max_iter (smoke runs)")
+    parser.add_argument("--max-iter", type=int, help="override the solver's max_iter, of both stages (smoke runs)")
     parser.add_argument("--seed", type=int, help="override the solver's random_seed")
     torch_opts = parser.add_argument_group("torch backend")
     torch_opts.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -177,29 +189,27 @@ def ensure_docker_image(image: str = DOCKER_IMAGE) -> None:
             raise KitError(f"{REPO / 'docker' / 'caffe' / 'Dockerfile'}: docker build failed (see the output above)")
 
 
-@cli
-def main(argv=None) -> int:
-    args = build_argparser().parse_args(argv)
-    net = training.NETS[args.net]
-    solver = Path(args.solver) if args.solver else REPO / "caffe_models" / net / "solver.prototxt"
+def train_stage(args, net: str, solver: Path, data_dir: str, models_dir: str, weights=None, resume=None,
+                extra=None) -> Path:
+    """One training run with the chosen backend; returns the final snapshot's caffemodel."""
     backend = choose_backend(args.backend)
     config = training.RunConfig(
-        net=net, solver=str(solver), data_dir=args.data_dir, models_dir=args.models_dir, backend=backend,
-        weights=args.weights, resume=args.resume, max_iter=args.max_iter, seed=args.seed,
-        precision=args.precision, device=args.device, threads=args.threads)
+        net=net, solver=str(solver), data_dir=data_dir, models_dir=models_dir, backend=backend,
+        weights=weights, resume=resume, max_iter=args.max_iter, seed=args.seed,
+        precision=args.precision, device=args.device, threads=args.threads, extra=dict(extra or {}))
     if backend == "torch":
         result = training.train_torch(config, progress=not args.no_progress)
         print(f"trained {net} to iteration {result.iterations}; last snapshot: {result.last_snapshot}")
-        return 0
+        return Path(result.last_snapshot)
     if backend == "docker":
         ensure_docker_image()
     if config.resume:
         training.find_resume_files(config.resume)  # one-line error before anything is written
     if config.weights:
         training.formats.read_caffemodel(config.weights)
-    param, net = training.prepare_run(config)
-    training.save_run(config, param, net)
-    start_state = weights_solverstate(config, net) if config.weights else None
+    param, net_param = training.prepare_run(config)
+    training.save_run(config, param, net_param)
+    start_state = weights_solverstate(config, net_param) if config.weights else None
     if backend == "caffe":
         caffe = shutil.which("caffe")
         if caffe is None:
@@ -211,6 +221,69 @@ def main(argv=None) -> int:
     if code != 0:
         raise KitError(f"caffe train failed with exit status {code} (log: {Path(config.out_dir) / 'caffe_train.log'})")
     print(f"trained {net}; snapshots in {config.out_dir}")
+    return final_snapshot(config, param)
+
+
+def final_snapshot(config: training.RunConfig, param) -> Path:
+    return Path(f"{config.snapshot_prefix}_iter_{param.max_iter}.caffemodel")
+
+
+def pretrained_weights(args, net: str, stage1_models: Path) -> Path:
+    """Stage 1: its final snapshot, trained now unless an earlier run finished it."""
+    solver = REPO / "caffe_models" / net / "solver_pretrain.prototxt"
+    data = Path(args.pretrain_data)
+    if not (data / "lmdb").is_dir():
+        raise KitError(f"{data}: no pre-training set there (run `make dataset`, which builds it, "
+                       f"or train on DATA_DIR alone with PRETRAIN=0)")
+    manifest = data / "manifest.json"
+    # Which pre-training set the weights saw: a set rebuilt with another split (another SEED) held out
+    # other test faces, so weights trained on the old one must not be reused.
+    data_id = {"pretrain_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()
+               if manifest.is_file() else None}
+    resume = args.resume if args.resume and is_inside(args.resume, stage1_models) else None
+    config = training.RunConfig(net=net, solver=str(solver), data_dir=str(data), models_dir=str(stage1_models),
+                                max_iter=args.max_iter, seed=args.seed)
+    param, _ = training.prepare_run(config)
+    final = final_snapshot(config, param)
+    if final.is_file() and not resume and _run_extra(config.out_dir).get("pretrain_manifest_sha256") == \
+            data_id["pretrain_manifest_sha256"]:
+        print(f"stage 1 done earlier on this pre-training set: fine-tuning {final}", file=sys.stderr)
+        return final
+    print(f"stage 1: pre-training on {data} with {solver.name}", file=sys.stderr)
+    return train_stage(args, net, solver, str(data), str(stage1_models), resume=resume, extra=data_id)
+
+
+def _run_extra(out_dir) -> dict:
+    path = Path(out_dir) / "config.json"
+    try:
+        return json.loads(path.read_text()).get("extra", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def is_inside(path, folder: Path) -> bool:
+    return Path(folder).resolve() in Path(path).resolve().parents
+
+
+@cli
+def main(argv=None) -> int:
+    args = build_argparser().parse_args(argv)
+    net = training.NETS[args.net]
+    if not args.pretrain_data:
+        solver = Path(args.solver) if args.solver else REPO / "caffe_models" / net / "solver.prototxt"
+        train_stage(args, net, solver, args.data_dir, args.models_dir, weights=args.weights, resume=args.resume)
+        return 0
+    if args.weights:
+        raise KitError("--weights and --pretrain-data both give the starting weights: choose one")
+    solver = Path(args.solver) if args.solver else REPO / "caffe_models" / net / "solver_finetune.prototxt"
+    stage1_models = Path(args.models_dir) / "pretrain"
+    if args.resume and not is_inside(args.resume, stage1_models):
+        # A stage-2 snapshot carries its own weights: stage 1 is not needed.
+        train_stage(args, net, solver, args.data_dir, args.models_dir, resume=args.resume)
+        return 0
+    weights = pretrained_weights(args, net, stage1_models)
+    print(f"stage 2: fine-tuning on {args.data_dir} with {solver.name}", file=sys.stderr)
+    train_stage(args, net, solver, args.data_dir, args.models_dir, weights=str(weights))
     return 0
 
 

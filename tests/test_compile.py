@@ -1,5 +1,6 @@
 """scripts/compile_ir.py and caffekit.openvino_ir on random-weight Caffe nets written by the kit."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -203,15 +204,21 @@ def test_failed_check_leaves_no_ir(tmp_path, monkeypatch):
     assert not (models / "ir/gender_net/FP32").exists()
 
 
-def test_newest_snapshot_is_the_highest_iteration(tmp_path):
+def test_newest_snapshot_is_the_last_written(tmp_path):
+    """A fine-tuning run's 800 beats the 6,000 an earlier run left; among equally new files the highest wins."""
     sys.path.insert(0, str(REPO / "scripts"))
     import compile_ir
 
     folder = tmp_path / "age_net"
     folder.mkdir()
-    for name in ("age_iter_900.caffemodel", "age_iter_10000.caffemodel", "age_iter_2000.caffemodel"):
+    for name, mtime in (("age_iter_6000.caffemodel", 100), ("age_iter_400.caffemodel", 200),
+                        ("age_iter_800.caffemodel", 200), ("age_iter_200.caffemodel", 150)):
         (folder / name).write_bytes(b"")
-    assert compile_ir.newest_snapshot(tmp_path, "age_net").name == "age_iter_10000.caffemodel"
+        os.utime(folder / name, (mtime, mtime))
+    assert compile_ir.newest_snapshot(tmp_path, "age_net").name == "age_iter_800.caffemodel"
+    (tmp_path / "gender_net").mkdir()
+    with pytest.raises(KitError, match="no \\*_iter_N.caffemodel"):
+        compile_ir.newest_snapshot(tmp_path, "gender_net")
 
 
 @pytest.mark.slow

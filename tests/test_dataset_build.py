@@ -229,6 +229,43 @@ def test_other_seed_gives_another_split(source, built, tmp_path):
     assert other["source"]["other_race"] > 0
 
 
+def test_pretraining_set_holds_out_the_test_faces_and_their_copies(source, tmp_path):
+    """The all-races pre-training set built with --hold-out never contains a test face of the Asian build,
+    not even as a byte-identical copy under another name (here: the same face labelled White), and keeps
+    every other face."""
+    asian = build(source["folder"], tmp_path / "asian", race="asian", size=16, seed=SEED, progress=False)
+    held_list = tmp_path / "asian" / "splits" / "test.txt"
+    held = set(held_list.read_text().splitlines())
+    folder = tmp_path / "utkface"
+    shutil.copytree(source["folder"], folder)
+    face = sorted(held)[0]
+    age, gender = labels_of(face)
+    white_copy = f"{age}_{gender}_0_29990101000000099.jpg.chip.jpg"
+    shutil.copyfile(folder / face, folder / white_copy)
+
+    pretrain = build(folder, tmp_path / "pretrain", race="all", size=16, seed=SEED, progress=False,
+                     hold_out_list=held_list)
+    everything = build(folder, tmp_path / "all", race="all", size=16, seed=SEED, progress=False)
+
+    def sha(name):
+        return hashlib.sha256((folder / name).read_bytes()).hexdigest()
+
+    def faces_of(out):
+        return set((out / "splits" / "train.txt").read_text().splitlines()) | \
+            set((out / "splits" / "test.txt").read_text().splitlines())
+
+    used, all_used = faces_of(tmp_path / "pretrain"), faces_of(tmp_path / "all")
+    held_shas = {sha(name) for name in held}
+    assert not used & held and not {sha(name) for name in used} & held_shas
+    assert white_copy not in used and pretrain["held_out"]["copies_under_other_names"] >= 1
+    # Nothing else is lost: the same faces as the build without --hold-out, minus the held-out contents.
+    assert used == {name for name in all_used if sha(name) not in held_shas}
+    assert pretrain["held_out"]["faces_removed"] == sum(
+        sha(name) in held_shas for name in os.listdir(folder) if name not in
+        {entry["file"] for entry in everything["skipped"]})
+    assert asian["split"]["test"] == len(held)
+
+
 @pytest.mark.oracle
 @pytest.mark.slow
 def test_caffe_data_layer_reads_the_lmdb_and_mean(built, caffe_oracle, tmp_path):

@@ -128,6 +128,19 @@ def test_bad_source_folders_fail_with_one_line_and_leave_nothing(case, tmp_path,
     assert nothing_left(out)
 
 
+@pytest.mark.parametrize("case", ["missing", "empty", "other folder"])
+def test_bad_hold_out_list_fails_with_one_line_and_leaves_nothing(case, demo_dir, tmp_path):
+    listing = tmp_path / "test.txt"
+    if case == "empty":
+        listing.write_text("\n")
+    elif case == "other folder":
+        listing.write_text("1_0_2_20990101000000000.jpg.chip.jpg\n")
+    out = tmp_path / "pretrain"
+    words = {"missing": "cannot read", "empty": "empty", "other folder": "none of its 1 file names"}[case]
+    assert_one_line_error(build_cli(demo_dir, out, 32, "--hold-out", listing), listing, words)
+    assert nothing_left(out)
+
+
 def test_too_few_images_to_split_is_an_error(demo_dir, tmp_path):
     source = tmp_path / "two"
     source.mkdir()

@@ -320,6 +320,44 @@ def test_cli_truncated_solverstate(tiny):
 
 
 @pytest.mark.slow
+def test_pretrain_then_finetune_the_default_two_stages(dataset, tmp_path):
+    """`make train-gender`'s default: stage 1 (solver_pretrain) on the pre-training set, stage 2
+    (solver_finetune) from stage 1's final snapshot; a second run skips the finished stage 1."""
+    models = tmp_path / "models"
+    args = ["--net", "gender", "--pretrain-data", dataset, "--data-dir", dataset, "--models-dir", models,
+            "--max-iter", "2"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    stage1, stage2 = models / "pretrain" / "gender_net", models / "gender_net"
+    pretrained = stage1 / "gender_net_iter_2.caffemodel"
+    assert pretrained.is_file() and (stage2 / "gender_net_iter_2.caffemodel").is_file()
+    import json
+
+    config1 = json.loads((stage1 / "config.json").read_text())
+    config2 = json.loads((stage2 / "config.json").read_text())
+    assert config1["solver"].endswith("gender_net/solver_pretrain.prototxt") and config1["weights"] is None
+    assert config2["solver"].endswith("gender_net/solver_finetune.prototxt")
+    assert Path(config2["weights"]) == pretrained and config2["extra"]["weights_copied"]
+    solver2 = formats.read_solver(stage2 / "solver.prototxt")
+    assert solver2.base_lr == pytest.approx(0.001)
+
+    before = digest(stage1)
+    second = run_cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert "stage 1 done earlier" in second.stderr and digest(stage1) == before
+
+
+def test_cli_pretrain_data_missing_or_with_weights(tiny, tmp_path):
+    proc = run_cli("--net", "age", "--pretrain-data", tmp_path / "none", "--data-dir", tiny["data"],
+                   "--models-dir", tmp_path / "m")
+    assert_one_line_error(proc, tmp_path / "none", "make dataset", "PRETRAIN=0")
+    proc = run_cli("--net", "age", "--pretrain-data", tiny["data"], "--data-dir", tiny["data"],
+                   "--models-dir", tmp_path / "m", "--weights", tiny["out"] / "age_net_iter_6.caffemodel")
+    assert_one_line_error(proc, "--weights", "--pretrain-data")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.slow
 def test_ctrl_c_snapshots_then_resume_continues(tiny, tmp_path):
     import signal
     import time
