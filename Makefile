@@ -26,14 +26,17 @@ IMAGE       ?=
 VIDEO       ?=
 DEMO_DIR    ?= demo
 PRETRAIN    ?= 1
+PRIOR       ?= 1
 PRETRAIN_DIR ?= $(DATA_DIR)/pretrain
 PRETRAIN_TEST_FRACTION ?= 0.05
 
 RACES := asian white black indian others all
 BACKENDS := auto torch caffe docker
 NETS := age gender all
-# Pre-train on all races, then fine-tune on RACE: the default unless PRETRAIN=0 or RACE=all (nothing to add).
+# Pre-train on all races, then fine-tune on RACE: the default unless PRETRAIN=0 or RACE=all (nothing to add);
+# INIT_WEIGHTS= replaces stage 1 with weights of your own.
 USE_PRETRAIN = $(and $(filter 1,$(PRETRAIN)),$(filter-out all,$(RACE)))
+TRAIN_PRETRAIN = $(if $(INIT_WEIGHTS),,$(USE_PRETRAIN))
 $(if $(filter $(RACE),$(RACES)),,$(error RACE=$(RACE): expected one of $(RACES)))
 $(if $(filter $(BACKEND),$(BACKENDS)),,$(error BACKEND=$(BACKEND): expected one of $(BACKENDS)))
 $(if $(filter $(NET),$(NETS)),,$(error NET=$(NET): expected one of $(NETS)))
@@ -41,7 +44,8 @@ $(if $(filter $(NET),$(NETS)),,$(error NET=$(NET): expected one of $(NETS)))
 TRAIN_ARGS = --backend $(BACKEND) --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) \
              $(if $(SOLVER),--solver $(SOLVER)) $(if $(RESUME),--resume $(RESUME)) \
              $(if $(INIT_WEIGHTS),--weights $(INIT_WEIGHTS)) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \
-             $(if $(PRECISION),--precision $(PRECISION)) $(if $(USE_PRETRAIN),--pretrain-data $(PRETRAIN_DIR))
+             $(if $(PRECISION),--precision $(PRECISION)) $(if $(TRAIN_PRETRAIN),--pretrain-data $(PRETRAIN_DIR)) \
+             $(if $(filter 0,$(PRIOR)),--no-prior)
 EVAL_ARGS  = --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS))
 IR_ARGS    = --net $(NET) --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS))
 

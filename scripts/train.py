@@ -12,6 +12,10 @@ solver_pretrain.prototxt into MODELS_DIR/pretrain/<net>_net; stage 2 fine-tunes 
 DATA_DIR with --solver (default: solver_finetune.prototxt). A finished stage 1 is not run again;
 --resume continues whichever stage its snapshot belongs to.
 
+Last, the final snapshot gets a prior-corrected copy, <prefix>_prior_iter_N.caffemodel (see
+caffekit/prior.py: the train split's class prior, which oversampling took away, added back to fc8's
+bias), unless --no-prior. It is written last, so evaluation and compilation take it by default.
+
 Outputs in MODELS_DIR/<net>_net/: the solver and train_val actually used (paths rewritten for
 DATA_DIR), <prefix>_iter_N.caffemodel/.solverstate snapshots, train_log.csv, learning_curve.png,
 config.json. Ctrl-C writes a snapshot of the current iteration (exit status 130); --resume continues.
@@ -28,6 +32,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
 
 from caffekit import training  # noqa: E402
 from caffekit.errors import KitError, cli  # noqa: E402
@@ -52,6 +58,8 @@ def build_argparser() -> argparse.ArgumentParser:
     start.add_argument("--weights", help="initial weights from a .caffemodel (fine-tuning; as caffe train -weights)")
     parser.add_argument("--max-iter", type=int, help="override the solver's max_iter, of both stages (smoke runs)")
     parser.add_argument("--seed", type=int, help="override the solver's random_seed")
+    parser.add_argument("--no-prior", action="store_true",
+                        help="do not write the prior-corrected copy of the final snapshot (keep balanced classes)")
     torch_opts = parser.add_argument_group("torch backend")
     torch_opts.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                             help="auto: bf16 autocast where the CPU has AVX512-BF16/AMX or on CUDA, else fp32")
@@ -269,22 +277,39 @@ def is_inside(path, folder: Path) -> bool:
 def main(argv=None) -> int:
     args = build_argparser().parse_args(argv)
     net = training.NETS[args.net]
+    final = train_final_stage(args, net)
+    if not args.no_prior:
+        write_prior_corrected(args, final)
+    return 0
+
+
+def train_final_stage(args, net: str) -> Path:
     if not args.pretrain_data:
         solver = Path(args.solver) if args.solver else REPO / "caffe_models" / net / "solver.prototxt"
-        train_stage(args, net, solver, args.data_dir, args.models_dir, weights=args.weights, resume=args.resume)
-        return 0
+        return train_stage(args, net, solver, args.data_dir, args.models_dir, weights=args.weights,
+                           resume=args.resume)
     if args.weights:
         raise KitError("--weights and --pretrain-data both give the starting weights: choose one")
     solver = Path(args.solver) if args.solver else REPO / "caffe_models" / net / "solver_finetune.prototxt"
     stage1_models = Path(args.models_dir) / "pretrain"
     if args.resume and not is_inside(args.resume, stage1_models):
         # A stage-2 snapshot carries its own weights: stage 1 is not needed.
-        train_stage(args, net, solver, args.data_dir, args.models_dir, resume=args.resume)
-        return 0
+        return train_stage(args, net, solver, args.data_dir, args.models_dir, resume=args.resume)
     weights = pretrained_weights(args, net, stage1_models)
     print(f"stage 2: fine-tuning on {args.data_dir} with {solver.name}", file=sys.stderr)
-    train_stage(args, net, solver, args.data_dir, args.models_dir, weights=str(weights))
-    return 0
+    return train_stage(args, net, solver, args.data_dir, args.models_dir, weights=str(weights))
+
+
+def write_prior_corrected(args, final: Path) -> None:
+    from caffekit import prior
+
+    manifest = Path(args.data_dir) / "manifest.json"
+    if not manifest.is_file():
+        print(f"no {manifest} (not built by `make dataset`): no prior-corrected copy written", file=sys.stderr)
+        return
+    out = prior.corrected_name(final)
+    shift = prior.correct(final, manifest, args.net, out)
+    print(f"prior-corrected copy: {out} (fc8 bias + {np.array2string(shift, precision=2)})")
 
 
 if __name__ == "__main__":

@@ -341,10 +341,37 @@ def test_pretrain_then_finetune_the_default_two_stages(dataset, tmp_path):
     solver2 = formats.read_solver(stage2 / "solver.prototxt")
     assert solver2.base_lr == pytest.approx(0.001)
 
+    assert "no prior-corrected copy written" in first.stderr  # this DATA_DIR has no manifest.json
+
     before = digest(stage1)
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr
     assert "stage 1 done earlier" in second.stderr and digest(stage1) == before
+
+
+def test_final_snapshot_gets_a_prior_corrected_copy_that_is_the_newest(tiny, tmp_path):
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("lmdb", "mean.binaryproto"):
+        (data / name).symlink_to(tiny["data"] / name)
+    counts = [3, 4, 5, 6, 7, 8, 9, 10, 11]
+    (data / "manifest.json").write_text(json.dumps({"classes": {"age": {"train": counts,
+                                                                         "train_oversampled": [11] * 9}}}))
+    models = tmp_path / "models"
+    proc = run_cli("--net", "age", "--data-dir", data, "--models-dir", models, "--solver", tiny["solver"])
+    assert proc.returncode == 0, proc.stderr
+    corrected = models / "age_net" / "age_net_prior_iter_6.caffemodel"
+    assert f"prior-corrected copy: {corrected}" in proc.stdout
+    assert training.newest_snapshot(models / "age_net") == corrected
+    shift = (graph.read_weights(formats.read_caffemodel(corrected))["fc"][1]
+             - graph.read_weights(formats.read_caffemodel(models / "age_net" / "age_net_iter_6.caffemodel"))["fc"][1])
+    np.testing.assert_allclose(shift, np.log(np.array(counts) / 11), atol=1e-6)
+
+    again = run_cli("--net", "age", "--data-dir", data, "--models-dir", tmp_path / "m2", "--solver", tiny["solver"],
+                    "--no-prior")
+    assert again.returncode == 0 and not list((tmp_path / "m2" / "age_net").glob("*prior*"))
 
 
 def test_cli_pretrain_data_missing_or_with_weights(tiny, tmp_path):

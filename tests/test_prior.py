@@ -1,0 +1,89 @@
+"""caffekit.prior: the train split's class prior given back to a net trained on the oversampled LMDB,
+checked through OpenCV's Caffe importer (an engine independent of the correction)."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+import caffe_fixtures as cf
+from caffekit import formats, graph, prior
+from caffekit.errors import KitError
+
+DEPLOY = cf.REPO / "caffe_models" / "age_net" / "deploy.prototxt"
+ORIGINAL = [586, 65, 821, 342, 95, 67, 59, 57, 62]  # the Asian build's train split
+OVERSAMPLED = [821] * 9
+
+
+def write_manifest(path, original=ORIGINAL, oversampled=OVERSAMPLED, task="age"):
+    path.write_text(json.dumps({"classes": {task: {"train": original, "train_oversampled": oversampled}}}))
+    return path
+
+
+def softmax_of(weights, images):
+    net = cv2.dnn.readNetFromCaffe(str(DEPLOY), str(weights))
+    net.setInput(images)
+    return net.forward().reshape(len(images), -1)
+
+
+def test_corrected_net_applies_bayes_rule_and_changes_nothing_else(tmp_path):
+    weights = cf.write_random_caffemodel(DEPLOY, tmp_path / "age_net_iter_800.caffemodel", logit_std=1.0)
+    out = prior.corrected_name(weights)
+    assert out.name == "age_net_prior_iter_800.caffemodel"
+    shift = prior.correct(weights, write_manifest(tmp_path / "manifest.json"), "age", out)
+
+    expected = np.log(np.array(ORIGINAL) / max(ORIGINAL))
+    np.testing.assert_allclose(shift, expected, rtol=1e-12)
+    before = graph.read_weights(formats.read_caffemodel(weights))
+    after = graph.read_weights(formats.read_caffemodel(out))
+    for name in before:
+        for i, (a, b) in enumerate(zip(before[name], after[name])):
+            if (name, i) != ("fc8", 1):
+                assert np.array_equal(a, b), name
+    np.testing.assert_allclose(after["fc8"][1] - before["fc8"][1], expected, atol=1e-6)
+
+    images = np.random.default_rng(1).normal(0, 40, (6, 3, 227, 227)).astype(np.float32)
+    balanced, corrected = softmax_of(weights, images), softmax_of(out, images)
+    bayes = balanced * np.array(ORIGINAL)  # p(y|x) ~ p_balanced(y|x) * p(y) / (1/9)
+    np.testing.assert_allclose(corrected, bayes / bayes.sum(axis=1, keepdims=True), atol=1e-5)
+    assert not np.allclose(corrected, balanced, atol=1e-2)
+
+
+def test_an_already_natural_prior_changes_nothing(tmp_path):
+    weights = cf.write_random_caffemodel(DEPLOY, tmp_path / "a_iter_1.caffemodel")
+    manifest = write_manifest(tmp_path / "manifest.json", ORIGINAL, ORIGINAL)
+    shift = prior.correct(weights, manifest, "age", tmp_path / "a_prior_iter_1.caffemodel")
+    assert np.allclose(shift, 0)
+
+
+def test_v1_caffemodel_is_corrected_in_its_own_syntax(tmp_path):
+    weights = cf.write_random_caffemodel(DEPLOY, tmp_path / "v2_iter_1.caffemodel")
+    v1 = tmp_path / "v1_iter_1.caffemodel"
+    formats.write_caffemodel(v1, cf.to_v1(formats.read_caffemodel(weights)))
+    prior.correct(v1, write_manifest(tmp_path / "manifest.json"), "age", tmp_path / "v1_prior_iter_1.caffemodel")
+    model = formats.read_caffemodel(tmp_path / "v1_prior_iter_1.caffemodel")
+    assert len(model.layers) and not len(model.layer)
+    np.testing.assert_allclose(graph.read_weights(model)["fc8"][1]
+                               - graph.read_weights(formats.read_caffemodel(v1))["fc8"][1],
+                               np.log(np.array(ORIGINAL) / max(ORIGINAL)), atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["gender manifest", "no classes", "empty class"])
+def test_bad_manifest_is_a_one_line_error_and_writes_nothing(case, tmp_path):
+    weights = cf.write_random_caffemodel(DEPLOY, tmp_path / "a_iter_1.caffemodel")
+    manifest = tmp_path / "manifest.json"
+    if case == "gender manifest":
+        write_manifest(manifest, [976, 1178], [1178, 1178], task="age")
+        words = ["fc8 has 9 outputs", "2 age classes"]
+    elif case == "no classes":
+        manifest.write_text("{}")
+        words = [str(manifest), "no train class counts"]
+    else:
+        write_manifest(manifest, [0] + ORIGINAL[1:])
+        words = ["no train face"]
+    out = tmp_path / "a_prior_iter_1.caffemodel"
+    with pytest.raises(KitError) as error:
+        prior.correct(weights, manifest, "age", out)
+    for word in words:
+        assert word in str(error.value)
+    assert not out.exists()
