@@ -305,7 +305,8 @@ def run_images(args, pipeline, reporter, detector, size):
     paths = image_files(args)
     unreadable = 0
     for index, path in enumerate(paths):
-        frame = cv2.imread(path, cv2.IMREAD_COLOR)
+        # Checked first: OpenCV's imread would add its own warning line for a missing file.
+        frame = cv2.imread(path, cv2.IMREAD_COLOR) if os.path.isfile(path) else None
         if frame is None:
             print("error: {}: cannot read image{}".format(
                 path, "" if os.path.isfile(path) else " (file not found)"), file=sys.stderr)
