@@ -185,7 +185,7 @@ def test_wrong_weights_missing_snapshot_and_mean_are_clear_errors(tmp_path):
     result = run(["--net", "age", "--data-dir", data, "--models-dir", models, "--weights", gender_weights])
     assert result.returncode == 2 and "fc8" in result.stderr and str(gender_weights) in result.stderr
     result = run(["--net", "age", "--data-dir", data, "--models-dir", tmp_path / "empty"])
-    assert result.returncode == 2 and "no .caffemodel" in result.stderr
+    assert result.returncode == 2 and "no *_iter_N.caffemodel snapshot found" in result.stderr
     result = run(["--net", "age", "--data-dir", tmp_path / "nodata", "--models-dir", models])
     assert result.returncode == 2 and "mean file not found" in result.stderr
     assert not (models / "ir").exists()  # nothing partial left

@@ -165,11 +165,17 @@ def test_unwritable_out_fails_with_one_line_and_leaves_nothing(demo_dir, tmp_pat
 
 
 @pytest.mark.slow
+def default_sigint():
+    # A test run started in the background by a non-interactive shell inherits SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler: give the child Ctrl-C's default, as a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupted_build_leaves_no_partial_output(demo_dir, tmp_path):
     out = tmp_path / "data"
     process = subprocess.Popen([sys.executable, "-m", "dataset.build", "--utkface", str(demo_dir), "--out",
                                 str(out), "--size", "512"], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     deadline = time.monotonic() + 60
     while not list((out / "lmdb").glob(".age_train_lmdb.tmp-*")) and process.poll() is None:
         assert time.monotonic() < deadline
