@@ -33,8 +33,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-
 from caffekit import training  # noqa: E402
 from caffekit.errors import KitError, cli  # noqa: E402
 
@@ -232,13 +230,17 @@ def train_stage(args, net: str, solver: Path, data_dir: str, models_dir: str, we
     return final_snapshot(config, param)
 
 
+def shipped_solver(net: str, name: str) -> Path:
+    return REPO / "caffe_models" / net / name
+
+
 def final_snapshot(config: training.RunConfig, param) -> Path:
     return Path(f"{config.snapshot_prefix}_iter_{param.max_iter}.caffemodel")
 
 
 def pretrained_weights(args, net: str, stage1_models: Path) -> Path:
     """Stage 1: its final snapshot, trained now unless an earlier run finished it."""
-    solver = REPO / "caffe_models" / net / "solver_pretrain.prototxt"
+    solver = shipped_solver(net, "solver_pretrain.prototxt")
     data = Path(args.pretrain_data)
     if not (data / "lmdb").is_dir():
         raise KitError(f"{data}: no pre-training set there (run `make dataset`, which builds it, "
@@ -285,12 +287,12 @@ def main(argv=None) -> int:
 
 def train_final_stage(args, net: str) -> Path:
     if not args.pretrain_data:
-        solver = Path(args.solver) if args.solver else REPO / "caffe_models" / net / "solver.prototxt"
+        solver = Path(args.solver) if args.solver else shipped_solver(net, "solver.prototxt")
         return train_stage(args, net, solver, args.data_dir, args.models_dir, weights=args.weights,
                            resume=args.resume)
     if args.weights:
         raise KitError("--weights and --pretrain-data both give the starting weights: choose one")
-    solver = Path(args.solver) if args.solver else REPO / "caffe_models" / net / "solver_finetune.prototxt"
+    solver = Path(args.solver) if args.solver else shipped_solver(net, "solver_finetune.prototxt")
     stage1_models = Path(args.models_dir) / "pretrain"
     if args.resume and not is_inside(args.resume, stage1_models):
         # A stage-2 snapshot carries its own weights: stage 1 is not needed.
@@ -309,7 +311,7 @@ def write_prior_corrected(args, final: Path) -> None:
         return
     out = prior.corrected_name(final)
     shift = prior.correct(final, manifest, args.net, out)
-    print(f"prior-corrected copy: {out} (fc8 bias + {np.array2string(shift, precision=2)})")
+    print(f"prior-corrected copy: {out} (fc8 bias + [{' '.join(f'{v:.2f}' for v in shift)}])")
 
 
 if __name__ == "__main__":
