@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from caffekit import atomic, formats, graph
+from caffekit import atomic, formats, graph, tasks
 from caffekit.errors import KitError
 from caffekit.lmdb_data import LmdbSource
 
@@ -136,6 +136,23 @@ def metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
             if known.any():
                 result["mae_years"] = float(np.abs(expected[known] - true_ages[known]).mean())
                 result["mae_count"] = int(known.sum())
+    return result
+
+
+def accuracy_by_age(labels: np.ndarray, probs: np.ndarray, true_ages: np.ndarray) -> Dict[str, Dict]:
+    """Accuracy within each decade of true age (the age bins), for faces whose age is known: where a
+    gender net fails (UTKFace's many babies) says more than one overall rate."""
+    predicted = np.asarray(probs).argmax(axis=1)
+    correct = predicted == np.asarray(labels)
+    known = ~np.isnan(true_ages)
+    bins = np.full(len(true_ages), -1)
+    bins[known] = [tasks.age_to_bin(int(a)) for a in true_ages[known]]
+    result = {}
+    for index, name in enumerate(tasks.AGE_LABELS):
+        members = bins == index
+        if members.any():
+            result[name] = {"count": int(members.sum()), "correct": int(correct[members].sum()),
+                            "accuracy": float(correct[members].mean())}
     return result
 
 

@@ -5,7 +5,8 @@
     python scripts/evaluate.py --net gender --weights models/gender_net/gender_net_iter_6000.caffemodel
 
 Single centre crop and the 10-crop average; accuracy, per-class recall, the confusion matrix
-(printed and PNG), for age also 1-off accuracy and the MAE of the expected age. Outputs in
+(printed and PNG), for age also 1-off accuracy and the MAE of the expected age, for gender the
+accuracy within each decade of true age. Outputs in
 MODELS_DIR/<net>_net/eval/: report.json, confusion_centre.png, confusion_10crop.png.
 """
 import argparse
@@ -57,16 +58,15 @@ def main(argv=None) -> int:
     probs_width = predictions.centre.shape[1]
     if probs_width != len(class_names):
         raise KitError(f"{weights}: the net outputs {probs_width} classes, the {task} task has {len(class_names)}")
-    true_ages = None
-    centres = None
-    if task == "age":
-        centres = tasks.AGE_BIN_CENTRES
-        true_ages = evaluation.read_true_ages(data_dir / f"{task}_test.csv", predictions.keys)
+    centres = tasks.AGE_BIN_CENTRES if task == "age" else None
+    true_ages = evaluation.read_true_ages(data_dir / f"{task}_test.csv", predictions.keys)
     out_dir = Path(args.out) if args.out else model_dir / "eval"
     report = {"net": net, "weights": str(weights), "deploy": str(deploy), "test_lmdb": str(lmdb_path),
               "classes": class_names, "seconds": None, "protocols": {}}
     for protocol, probs in (("centre", predictions.centre), ("10crop", predictions.ten_crop)):
         result = evaluation.metrics(predictions.labels, probs, class_names, true_ages, centres)
+        if task == "gender" and true_ages is not None:
+            result["accuracy_by_age"] = evaluation.accuracy_by_age(predictions.labels, probs, true_ages)
         report["protocols"][protocol] = result
         line = f"{net} {protocol:>6}: accuracy {result['accuracy']:.4f} ({result['correct']}/{result['count']})"
         if "one_off_accuracy" in result:
@@ -76,6 +76,9 @@ def main(argv=None) -> int:
         print(line)
         print("per-class recall: " + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -"
                                                for k, v in result["per_class_recall"].items()))
+        if "accuracy_by_age" in result:
+            print("accuracy by true age: " + ", ".join(f"{k} {v['accuracy']:.3f} ({v['correct']}/{v['count']})"
+                                                      for k, v in result["accuracy_by_age"].items()))
         print(f"confusion matrix ({protocol}; rows: true, columns: predicted)")
         print(evaluation.format_confusion(result["confusion_matrix"], class_names))
         print()

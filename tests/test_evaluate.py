@@ -37,6 +37,16 @@ def test_one_off_and_mae_arithmetic():
     assert lines[3].split() == ["c", "1", "0", "0", "0", "1"]  # row = true class c, predicted a
 
 
+def test_accuracy_by_age_groups_faces_by_decade_of_true_age():
+    labels = np.array([0, 1, 1, 0, 0, 1])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.6, 0.4], [0.5, 0.5]])
+    ages = np.array([1, 2, 25, 29, 85, np.nan])  # right, wrong | right, wrong | right | unknown: left out
+    result = evaluation.accuracy_by_age(labels, probs, ages)
+    assert result == {"0-9": {"count": 2, "correct": 1, "accuracy": 0.5},
+                      "20-29": {"count": 2, "correct": 1, "accuracy": 0.5},
+                      "80+": {"count": 1, "correct": 1, "accuracy": 1.0}}
+
+
 def test_ten_crops_are_corners_centre_and_mirrors():
     offsets = evaluation.crop_offsets(256, 256, 227)
     assert offsets[:5] == [(0, 0, False), (0, 29, False), (29, 0, False), (29, 29, False), (14, 14, False)]
@@ -54,6 +64,11 @@ def model(tmp_path_factory):
     data = make_dataset(work / "data", UTKFACE if UTKFACE.is_dir() else None, train=20, test=12, size=256)
     solver = small_solver(work / "solver.prototxt", max_iter=0)
     config = training.RunConfig(net="age_net", solver=str(solver), data_dir=str(data),
+                                models_dir=str(work / "models"), precision="fp32")
+    training.train_torch(config, progress=False)
+    solver = small_solver(work / "gender_solver.prototxt", net="caffe_models/gender_net/train_val.prototxt",
+                          max_iter=0, snapshot_prefix='"gender_net"')
+    config = training.RunConfig(net="gender_net", solver=str(solver), data_dir=str(data),
                                 models_dir=str(work / "models"), precision="fp32")
     training.train_torch(config, progress=False)
     return {"data": data, "models": work / "models"}
@@ -83,6 +98,27 @@ def test_evaluate_cli_writes_report_and_confusion(model):
                                model["data"] / "mean.binaryproto", batch_size=12, progress=False)
     assert preds.labels.tolist() == [tasks.age_to_bin(int(a)) for a in
                                      np.genfromtxt(model["data"] / "age_test.csv", delimiter=",", names=True)["age"]]
+
+
+@pytest.mark.slow
+def test_evaluate_gender_reports_accuracy_by_true_age(model):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/evaluate.py"), "--net", "gender", "--data-dir",
+                           str(model["data"]), "--models-dir", str(model["models"]), "--batch", "4",
+                           "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((model["models"] / "gender_net" / "eval" / "report.json").read_text())
+    ages = np.genfromtxt(model["data"] / "gender_test.csv", delimiter=",", names=True)["age"]
+    expected_counts = {}
+    for age in ages:
+        name = tasks.AGE_LABELS[tasks.age_to_bin(int(age))]
+        expected_counts[name] = expected_counts.get(name, 0) + 1
+    for protocol in ("centre", "10crop"):
+        result = report["protocols"][protocol]
+        by_age = result["accuracy_by_age"]
+        assert {k: v["count"] for k, v in by_age.items()} == expected_counts
+        assert sum(v["correct"] for v in by_age.values()) == result["correct"]
+        assert "mae_years" not in result and "one_off_accuracy" not in result
+    assert proc.stdout.count("accuracy by true age: ") == 2
 
 
 def test_evaluate_cli_errors(model, tmp_path):
