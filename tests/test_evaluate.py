@@ -62,24 +62,26 @@ def model(tmp_path_factory):
     """A small test LMDB and an AgeNet snapshot straight from the fillers (max_iter 0)."""
     work = tmp_path_factory.mktemp("eval")
     data = make_dataset(work / "data", UTKFACE if UTKFACE.is_dir() else None, train=20, test=12, size=256)
-    solver = small_solver(work / "solver.prototxt", max_iter=0)
-    config = training.RunConfig(net="age_net", solver=str(solver), data_dir=str(data),
-                                models_dir=str(work / "models"), precision="fp32")
-    training.train_torch(config, progress=False)
-    solver = small_solver(work / "gender_solver.prototxt", net="caffe_models/gender_net/train_val.prototxt",
-                          max_iter=0, snapshot_prefix='"gender_net"')
-    config = training.RunConfig(net="gender_net", solver=str(solver), data_dir=str(data),
-                                models_dir=str(work / "models"), precision="fp32")
-    training.train_torch(config, progress=False)
+    for net in ("age_net", "gender_net"):
+        solver = small_solver(work / f"{net}_solver.prototxt", net=f"caffe_models/{net}/train_val.prototxt",
+                              max_iter=0, snapshot_prefix=f'"{net}"')
+        config = training.RunConfig(net=net, solver=str(solver), data_dir=str(data),
+                                    models_dir=str(work / "models"), precision="fp32")
+        training.train_torch(config, progress=False)
     return {"data": data, "models": work / "models"}
+
+
+def run_evaluate(model, task: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/evaluate.py"), "--net", task, "--data-dir",
+                           str(model["data"]), "--models-dir", str(model["models"]), "--batch", "4",
+                           "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
 
 
 @pytest.mark.slow
 def test_evaluate_cli_writes_report_and_confusion(model):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts/evaluate.py"), "--net", "age", "--data-dir",
-                           str(model["data"]), "--models-dir", str(model["models"]), "--batch", "4",
-                           "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_evaluate(model, "age")
     out = model["models"] / "age_net" / "eval"
     report = json.loads((out / "report.json").read_text())
     assert report["weights"].endswith("age_net_iter_0.caffemodel")  # the newest snapshot by default
@@ -102,10 +104,7 @@ def test_evaluate_cli_writes_report_and_confusion(model):
 
 @pytest.mark.slow
 def test_evaluate_gender_reports_accuracy_by_true_age(model):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts/evaluate.py"), "--net", "gender", "--data-dir",
-                           str(model["data"]), "--models-dir", str(model["models"]), "--batch", "4",
-                           "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = run_evaluate(model, "gender")
     report = json.loads((model["models"] / "gender_net" / "eval" / "report.json").read_text())
     ages = np.genfromtxt(model["data"] / "gender_test.csv", delimiter=",", names=True)["age"]
     expected_counts = {}
