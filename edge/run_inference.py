@@ -306,10 +306,11 @@ def run_images(args, pipeline, reporter, detector, size):
     unreadable = 0
     for index, path in enumerate(paths):
         # Checked first: OpenCV's imread would add its own warning line for a missing file.
-        frame = cv2.imread(path, cv2.IMREAD_COLOR) if os.path.isfile(path) else None
+        exists = os.path.isfile(path)
+        frame = cv2.imread(path, cv2.IMREAD_COLOR) if exists else None
         if frame is None:
-            print("error: {}: cannot read image{}".format(
-                path, "" if os.path.isfile(path) else " (file not found)"), file=sys.stderr)
+            print("error: {}: cannot read image{}".format(path, "" if exists else " (file not found)"),
+                  file=sys.stderr)
             unreadable += 1
             continue
         pipeline.submit(prepare(index, path, frame, detector, size))

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffekit import training  # noqa: E402
+from caffekit import prior, training  # noqa: E402
 from caffekit.errors import KitError, cli  # noqa: E402
 
 REPO = training.REPO
@@ -303,8 +303,6 @@ def train_final_stage(args, net: str) -> Path:
 
 
 def write_prior_corrected(args, final: Path) -> None:
-    from caffekit import prior
-
     manifest = Path(args.data_dir) / "manifest.json"
     if not manifest.is_file():
         print(f"no {manifest} (not built by `make dataset`): no prior-corrected copy written", file=sys.stderr)

@@ -164,13 +164,13 @@ def test_unwritable_out_fails_with_one_line_and_leaves_nothing(demo_dir, tmp_pat
         assert list(locked.iterdir()) == []
 
 
-@pytest.mark.slow
 def default_sigint():
     # A test run started in the background by a non-interactive shell inherits SIGINT ignored, and Python
     # then installs no KeyboardInterrupt handler: give the child Ctrl-C's default, as a terminal would.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow
 def test_interrupted_build_leaves_no_partial_output(demo_dir, tmp_path):
     out = tmp_path / "data"
     process = subprocess.Popen([sys.executable, "-m", "dataset.build", "--utkface", str(demo_dir), "--out",

@@ -1,6 +1,7 @@
 """The torch training backend: a short real run of our AgeNet prototxt, snapshots that OpenCV
 loads and that match torch, resume, and Caffe's solver arithmetic."""
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -331,8 +332,6 @@ def test_pretrain_then_finetune_the_default_two_stages(dataset, tmp_path):
     stage1, stage2 = models / "pretrain" / "gender_net", models / "gender_net"
     pretrained = stage1 / "gender_net_iter_2.caffemodel"
     assert pretrained.is_file() and (stage2 / "gender_net_iter_2.caffemodel").is_file()
-    import json
-
     config1 = json.loads((stage1 / "config.json").read_text())
     config2 = json.loads((stage2 / "config.json").read_text())
     assert config1["solver"].endswith("gender_net/solver_pretrain.prototxt") and config1["weights"] is None
@@ -350,8 +349,6 @@ def test_pretrain_then_finetune_the_default_two_stages(dataset, tmp_path):
 
 
 def test_final_snapshot_gets_a_prior_corrected_copy_that_is_the_newest(tiny, tmp_path):
-    import json
-
     data = tmp_path / "data"
     data.mkdir()
     for name in ("lmdb", "mean.binaryproto"):
