@@ -77,7 +77,7 @@ dataset:  ## UTKFace -> balanced LMDBs + mean.binaryproto in DATA_DIR, and the a
 train-age:  ## train AgeNet: pre-train on all races, fine-tune on RACE (PRETRAIN=0: RACE only; BACKEND=, SOLVER=, RESUME=)
 	$(PY) scripts/train.py --net age $(TRAIN_ARGS)
 
-train-gender:  ## train GenderNet the same way; its stage 1 starts from AgeNet's (trained first where missing)
+train-gender:  ## train GenderNet
 	$(PY) scripts/train.py --net gender $(TRAIN_ARGS)
 
 test-age:  ## evaluate AgeNet on the test LMDB through OpenCV's Caffe importer
