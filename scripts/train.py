@@ -6,12 +6,11 @@
     python scripts/train.py --net gender --backend caffe --solver caffe_models/gender_net/solver_levi_hassner.prototxt
     python scripts/train.py --net age --pretrain-data data/pretrain     # the two-stage default of `make train-age`
 
-With --pretrain-data, training has two stages: stage 1 trains on the pre-training set (`make dataset`
-builds it from all races, with the test faces of DATA_DIR held out) with solver_pretrain.prototxt into
-MODELS_DIR/pretrain/<net>_net, AgeNet from scratch, GenderNet from AgeNet's stage 1 (all layers but
-fc8; AgeNet's stage 1 is trained first where missing); stage 2 fine-tunes its last snapshot on DATA_DIR
-with --solver (default: solver_finetune.prototxt). A finished stage 1 is not run again; --resume
-continues whichever stage its snapshot belongs to.
+With --pretrain-data, training has two stages: stage 1 trains from scratch on the pre-training set
+(`make dataset` builds it from all races, with the test faces of DATA_DIR held out) with
+solver_pretrain.prototxt into MODELS_DIR/pretrain/<net>_net; stage 2 fine-tunes its last snapshot on
+DATA_DIR with --solver (default: solver_finetune.prototxt). A finished stage 1 is not run again;
+--resume continues whichever stage its snapshot belongs to.
 
 Last, the final snapshot gets a prior-corrected copy, <prefix>_prior_iter_N.caffemodel (see
 caffekit/prior.py: the train split's class prior, which oversampling took away, added back to fc8's
@@ -34,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffekit import formats, prior, training  # noqa: E402
+from caffekit import prior, training  # noqa: E402
 from caffekit.errors import KitError, cli  # noqa: E402
 
 REPO = training.REPO
@@ -92,7 +91,7 @@ def weights_solverstate(config: training.RunConfig, net) -> Path:
     name with the same CopyTrainedLayersFrom. Used instead of -weights because some Caffe builds
     (the SSD fork among them) silently ignore -weights in `caffe train`.
     """
-    from caffekit import graph
+    from caffekit import formats, graph
     from caffekit.lmdb_data import LmdbSource
     from caffekit.proto import caffe_pb2
 
@@ -213,7 +212,7 @@ def train_stage(args, net: str, solver: Path, data_dir: str, models_dir: str, we
     if config.resume:
         training.find_resume_files(config.resume)  # one-line error before anything is written
     if config.weights:
-        formats.read_caffemodel(config.weights)
+        training.formats.read_caffemodel(config.weights)
     param, net_param = training.prepare_run(config)
     training.save_run(config, param, net_param)
     start_state = weights_solverstate(config, net_param) if config.weights else None
@@ -239,12 +238,6 @@ def final_snapshot(config: training.RunConfig, param) -> Path:
     return Path(f"{config.snapshot_prefix}_iter_{param.max_iter}.caffemodel")
 
 
-# GenderNet's stage 1 starts from AgeNet's finished stage 1, all layers but the classifier: the same
-# architecture up to fc7, trained on the same faces. On this 2-core CPU that is the cheapest way to give
-# GenderNet more training (README, Accuracy); AgeNet's stage 1 is trained first where it is missing.
-STAGE1_STARTS_FROM = {"gender_net": "age_net"}
-
-
 def pretrained_weights(args, net: str, stage1_models: Path) -> Path:
     """Stage 1: its final snapshot, trained now unless an earlier run finished it."""
     solver = shipped_solver(net, "solver_pretrain.prototxt")
@@ -253,45 +246,21 @@ def pretrained_weights(args, net: str, stage1_models: Path) -> Path:
         raise KitError(f"{data}: no pre-training set there (run `make dataset`, which builds it, "
                        f"or train on DATA_DIR alone with PRETRAIN=0)")
     manifest = data / "manifest.json"
-    # What the weights came from: a set rebuilt with another split (another SEED) held out other test
-    # faces, and another starting point is another run, so weights from either must not be reused.
-    origin = {"pretrain_manifest_sha256": sha256(manifest) if manifest.is_file() else None}
-    init = None
-    if net in STAGE1_STARTS_FROM:
-        source = pretrained_weights(args, STAGE1_STARTS_FROM[net], stage1_models)
-        init = without_classifier(source, stage1_models / net / f"init_from_{STAGE1_STARTS_FROM[net]}.caffemodel")
-        origin["init_sha256"] = sha256(init)
-    resume = args.resume if args.resume and is_inside(args.resume, stage1_models / net) else None
+    # Which pre-training set the weights saw: a set rebuilt with another split (another SEED) held out
+    # other test faces, so weights trained on the old one must not be reused.
+    data_id = {"pretrain_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest()
+               if manifest.is_file() else None}
+    resume = args.resume if args.resume and is_inside(args.resume, stage1_models) else None
     config = training.RunConfig(net=net, solver=str(solver), data_dir=str(data), models_dir=str(stage1_models),
                                 max_iter=args.max_iter, seed=args.seed)
     param, _ = training.prepare_run(config)
     final = final_snapshot(config, param)
-    recorded = _run_extra(config.out_dir)
-    if final.is_file() and not resume and all(recorded.get(key) == value for key, value in origin.items()):
-        print(f"stage 1 of {net} done earlier on this pre-training set: {final}", file=sys.stderr)
+    if final.is_file() and not resume and _run_extra(config.out_dir).get("pretrain_manifest_sha256") == \
+            data_id["pretrain_manifest_sha256"]:
+        print(f"stage 1 done earlier on this pre-training set: fine-tuning {final}", file=sys.stderr)
         return final
-    print(f"stage 1 of {net}: pre-training on {data} with {solver.name}"
-          + (f", from {init}" if init and not resume else ""), file=sys.stderr)
-    return train_stage(args, net, solver, str(data), str(stage1_models), resume=resume,
-                       weights=None if resume else (str(init) if init else None), extra=origin)
-
-
-def without_classifier(caffemodel: Path, out: Path) -> Path:
-    """A copy of ``caffemodel`` without its last InnerProduct layer, whose outputs are the other
-    net's classes: Caffe, like the torch backend, copies layers by name and stops at a shape mismatch,
-    so the layer is left out and the new net keeps its filler there."""
-    model = formats.read_caffemodel(caffemodel)
-    classifier = prior.classifier_layer(model, str(caffemodel))
-    stored = model.layer if len(model.layer) else model.layers
-    stored.remove(classifier)
-    if not (out.is_file() and out.read_bytes() == model.SerializeToString()):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        formats.write_caffemodel(out, model)
-    return out
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    print(f"stage 1: pre-training on {data} with {solver.name}", file=sys.stderr)
+    return train_stage(args, net, solver, str(data), str(stage1_models), resume=resume, extra=data_id)
 
 
 def _run_extra(out_dir) -> dict:
