@@ -27,7 +27,9 @@ VIDEO       ?=
 DEMO_DIR    ?= demo
 PRETRAIN    ?= 1
 PRIOR       ?= 1
+SOUP        ?=
 PRETRAIN_DIR ?= $(DATA_DIR)/pretrain
+VAL_DIR     ?= $(DATA_DIR)/val
 PRETRAIN_TEST_FRACTION ?= 0.05
 
 RACES := asian white black indian others all
@@ -45,11 +47,11 @@ TRAIN_ARGS = --backend $(BACKEND) --data-dir $(DATA_DIR) --models-dir $(MODELS_D
              $(if $(SOLVER),--solver $(SOLVER)) $(if $(RESUME),--resume $(RESUME)) \
              $(if $(INIT_WEIGHTS),--weights $(INIT_WEIGHTS)) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \
              $(if $(PRECISION),--precision $(PRECISION)) $(if $(TRAIN_PRETRAIN),--pretrain-data $(PRETRAIN_DIR)) \
-             $(if $(filter 0,$(PRIOR)),--no-prior)
+             $(if $(filter 0,$(PRIOR)),--no-prior) $(if $(SOUP),--soup $(SOUP))
 EVAL_ARGS  = --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS))
 IR_ARGS    = --net $(NET) --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS))
 
-.PHONY: help setup demo download dataset train-age train-gender test-age test-gender evaluate \
+.PHONY: help setup demo download dataset dataset-val train-age train-gender test-age test-gender evaluate \
         compile-ncs compile-int8 run bench bench-dataset bench-train test test-oracle oracle clean
 
 help:  ## list the targets
@@ -73,6 +75,14 @@ dataset:  ## UTKFace -> balanced LMDBs + mean.binaryproto in DATA_DIR, and the a
 	$(if $(USE_PRETRAIN),$(PY) -m dataset.build --utkface $(UTKFACE_DIR) --out $(PRETRAIN_DIR) --race all \
 	  --size $(SIZE) --test-fraction $(PRETRAIN_TEST_FRACTION) --seed $(SEED) $(if $(ENCODED),--encoded) \
 	  --hold-out $(DATA_DIR)/splits/test.txt)
+
+dataset-val:  ## a validation set to choose schedules on, the test split untouched: DATA_DIR's train faces split again into VAL_DIR
+	$(PY) -m dataset.build --utkface $(UTKFACE_DIR) --out $(VAL_DIR) --race $(RACE) \
+	  --size $(SIZE) --test-fraction $(TEST_FRACTION) --seed $(SEED) $(if $(ENCODED),--encoded) \
+	  --hold-out $(DATA_DIR)/splits/test.txt
+	$(if $(USE_PRETRAIN),$(PY) -m dataset.build --utkface $(UTKFACE_DIR) --out $(VAL_DIR)/pretrain --race all \
+	  --size $(SIZE) --test-fraction $(PRETRAIN_TEST_FRACTION) --seed $(SEED) $(if $(ENCODED),--encoded) \
+	  --hold-out $(DATA_DIR)/splits/test.txt $(VAL_DIR)/splits/test.txt)
 
 train-age:  ## train AgeNet: pre-train on all races, fine-tune on RACE (PRETRAIN=0: RACE only; BACKEND=, SOLVER=, RESUME=)
 	$(PY) scripts/train.py --net age $(TRAIN_ARGS)

@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -336,10 +336,11 @@ def write_outputs(out: Path, plans: Dict[str, List[split.Item]], train, test, jo
 
 def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction: float = 0.2, seed: int = 1,
           encoded: bool = False, workers: Optional[int] = None, progress: bool = True,
-          hold_out_list: Optional[Path] = None) -> dict:
+          hold_out_lists: Sequence[Path] = ()) -> dict:
     """Build every output into ``out``; returns the manifest."""
     folder, out = Path(utkface_dir), Path(out)
-    held_names = read_hold_out(Path(hold_out_list)) if hold_out_list else None
+    hold_out_lists = [Path(path) for path in hold_out_lists]
+    held_names = set().union(*map(read_hold_out, hold_out_lists)) if hold_out_lists else None
     if race not in utkface.RACES:
         raise KitError(f"race {race!r}: expected one of {', '.join(utkface.RACES)}")
     if size < 8:
@@ -363,9 +364,9 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
         if held_names is not None:
             usable, held_out = hold_out(usable, held_names)
             if not held_out["faces_removed"]:
-                raise KitError(f"{hold_out_list}: none of its {len(held_names)} file names is a usable image "
-                               f"of {folder} (a list from another folder?)")
-            held_out["list"] = str(hold_out_list)
+                raise KitError(f"{' + '.join(map(str, hold_out_lists))}: none of the {len(held_names)} file names listed "
+                               f"is a usable image of {folder} (a list from another folder?)")
+            held_out["list"] = " + ".join(map(str, hold_out_lists))
         faces, groups = split.dedup(usable)
         train, test = split.stratified_split(faces, test_fraction, seed)
         if not train or not test:
@@ -417,9 +418,10 @@ def build_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--encoded", action="store_true",
                         help="store JPEG-encoded Datums (quality 95): about 8x smaller, not pixel-exact; "
                              "the default raw Datums decode back to the exact resized pixels")
-    parser.add_argument("--hold-out", type=Path, metavar="FILE",
-                        help="leave out the faces named in FILE (one per line, e.g. data/splits/test.txt) and "
-                             "their byte-identical copies: for a pre-training set that excludes a test split")
+    parser.add_argument("--hold-out", type=Path, metavar="FILE", nargs="+", default=[],
+                        help="leave out the faces named in the FILEs (one per line, e.g. data/splits/test.txt) and "
+                             "their byte-identical copies: for a pre-training set that excludes a test split "
+                             "(and a validation split)")
     return parser
 
 
@@ -427,7 +429,7 @@ def build_argparser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_argparser().parse_args(argv)
     manifest = build(args.utkface, args.out, args.race, args.size, args.test_fraction, args.seed, args.encoded,
-                     hold_out_list=args.hold_out)
+                     hold_out_lists=args.hold_out)
     print(format_tables(manifest["classes"]))
     source, duplicates = manifest["source"], manifest["duplicates"]
     print(f"{source['files']} files, {source['selected']} {args.race}, {source['skipped']} skipped, "

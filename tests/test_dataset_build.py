@@ -244,7 +244,7 @@ def test_pretraining_set_holds_out_the_test_faces_and_their_copies(source, tmp_p
     shutil.copyfile(folder / face, folder / white_copy)
 
     pretrain = build(folder, tmp_path / "pretrain", race="all", size=16, seed=SEED, progress=False,
-                     hold_out_list=held_list)
+                     hold_out_lists=[held_list])
     everything = build(folder, tmp_path / "all", race="all", size=16, seed=SEED, progress=False)
 
     def sha(name):
@@ -264,6 +264,31 @@ def test_pretraining_set_holds_out_the_test_faces_and_their_copies(source, tmp_p
         sha(name) in held_shas for name in os.listdir(folder) if name not in
         {entry["file"] for entry in everything["skipped"]})
     assert asian["split"]["test"] == len(held)
+
+
+def test_validation_set_and_its_pretraining_set_hold_out_both_splits(source, tmp_path):
+    """`make dataset-val`: the train faces of the build split again (validation = its test split), and an
+    all-races set without the test faces and the validation faces."""
+    build(source["folder"], tmp_path / "asian", race="asian", size=16, seed=SEED, progress=False)
+    test_list = tmp_path / "asian" / "splits" / "test.txt"
+    val = build(source["folder"], tmp_path / "val", race="asian", size=16, seed=SEED, progress=False,
+                hold_out_lists=[test_list])
+    val_list = tmp_path / "val" / "splits" / "test.txt"
+    pretrain = build(source["folder"], tmp_path / "val" / "pretrain", race="all", size=16, seed=SEED,
+                     progress=False, hold_out_lists=[test_list, val_list])
+
+    def names(path):
+        return set(path.read_text().splitlines())
+
+    test, validation = names(test_list), names(val_list)
+    asian_train = names(tmp_path / "asian" / "splits" / "train.txt")
+    assert validation and validation <= asian_train
+    assert names(tmp_path / "val" / "splits" / "train.txt") | validation == asian_train
+    used = names(tmp_path / "val" / "pretrain" / "splits" / "train.txt") | \
+        names(tmp_path / "val" / "pretrain" / "splits" / "test.txt")
+    assert used and not used & (test | validation)
+    assert pretrain["held_out"]["list"] == f"{test_list} + {val_list}"
+    assert val["held_out"]["faces_removed"] >= len(test)
 
 
 @pytest.mark.oracle

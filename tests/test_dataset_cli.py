@@ -136,7 +136,7 @@ def test_bad_hold_out_list_fails_with_one_line_and_leaves_nothing(case, demo_dir
     elif case == "other folder":
         listing.write_text("1_0_2_20990101000000000.jpg.chip.jpg\n")
     out = tmp_path / "pretrain"
-    words = {"missing": "cannot read", "empty": "empty", "other folder": "none of its 1 file names"}[case]
+    words = {"missing": "cannot read", "empty": "empty", "other folder": "none of the 1 file names listed"}[case]
     assert_one_line_error(build_cli(demo_dir, out, 32, "--hold-out", listing), listing, words)
     assert nothing_left(out)
 
