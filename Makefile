@@ -27,7 +27,6 @@ VIDEO       ?=
 DEMO_DIR    ?= demo
 PRETRAIN    ?= 1
 PRIOR       ?= 1
-SOUP        ?=
 PRETRAIN_DIR ?= $(DATA_DIR)/pretrain
 VAL_DIR     ?= $(DATA_DIR)/val
 PRETRAIN_TEST_FRACTION ?= 0.05
@@ -47,7 +46,7 @@ TRAIN_ARGS = --backend $(BACKEND) --data-dir $(DATA_DIR) --models-dir $(MODELS_D
              $(if $(SOLVER),--solver $(SOLVER)) $(if $(RESUME),--resume $(RESUME)) \
              $(if $(INIT_WEIGHTS),--weights $(INIT_WEIGHTS)) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \
              $(if $(PRECISION),--precision $(PRECISION)) $(if $(TRAIN_PRETRAIN),--pretrain-data $(PRETRAIN_DIR)) \
-             $(if $(filter 0,$(PRIOR)),--no-prior) $(if $(SOUP),--soup $(SOUP))
+             $(if $(filter 0,$(PRIOR)),--no-prior)
 EVAL_ARGS  = --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS))
 IR_ARGS    = --net $(NET) --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS))
 

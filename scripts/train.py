@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffekit import prior, soup, training  # noqa: E402
+from caffekit import prior, training  # noqa: E402
 from caffekit.errors import KitError, cli  # noqa: E402
 
 REPO = training.REPO
@@ -56,10 +56,6 @@ def build_argparser() -> argparse.ArgumentParser:
     start.add_argument("--weights", help="initial weights from a .caffemodel (fine-tuning; as caffe train -weights)")
     parser.add_argument("--max-iter", type=int, help="override the solver's max_iter, of both stages (smoke runs)")
     parser.add_argument("--seed", type=int, help="override the solver's random_seed")
-    parser.add_argument("--soup", type=int, default=1, metavar="K",
-                        help="fine-tune K times from the same starting weights (seeds S, S+1, ...) and average "
-                             "the K final snapshots into <prefix>_soup_iter_N.caffemodel; needs --pretrain-data "
-                             "or --weights (default: 1, no soup)")
     parser.add_argument("--no-prior", action="store_true",
                         help="do not write the prior-corrected copy of the final snapshot (keep balanced classes)")
     torch_opts = parser.add_argument_group("torch backend")
@@ -200,12 +196,12 @@ def ensure_docker_image(image: str = DOCKER_IMAGE) -> None:
 
 
 def train_stage(args, net: str, solver: Path, data_dir: str, models_dir: str, weights=None, resume=None,
-                extra=None, seed=None) -> Path:
+                extra=None) -> Path:
     """One training run with the chosen backend; returns the final snapshot's caffemodel."""
     backend = choose_backend(args.backend)
     config = training.RunConfig(
         net=net, solver=str(solver), data_dir=data_dir, models_dir=models_dir, backend=backend,
-        weights=weights, resume=resume, max_iter=args.max_iter, seed=args.seed if seed is None else seed,
+        weights=weights, resume=resume, max_iter=args.max_iter, seed=args.seed,
         precision=args.precision, device=args.device, threads=args.threads, extra=dict(extra or {}))
     if backend == "torch":
         result = training.train_torch(config, progress=not args.no_progress)
@@ -267,15 +263,12 @@ def pretrained_weights(args, net: str, stage1_models: Path) -> Path:
     return train_stage(args, net, solver, str(data), str(stage1_models), resume=resume, extra=data_id)
 
 
-def _run_config(out_dir) -> dict:
+def _run_extra(out_dir) -> dict:
+    path = Path(out_dir) / "config.json"
     try:
-        return json.loads((Path(out_dir) / "config.json").read_text())
+        return json.loads(path.read_text()).get("extra", {})
     except (OSError, ValueError):
         return {}
-
-
-def _run_extra(out_dir) -> dict:
-    return _run_config(out_dir).get("extra", {})
 
 
 def is_inside(path, folder: Path) -> bool:
@@ -293,15 +286,8 @@ def main(argv=None) -> int:
 
 
 def train_final_stage(args, net: str) -> Path:
-    if args.soup < 1:
-        raise KitError(f"--soup {args.soup}: give the number of fine-tunes to average, 1 or more")
     if not args.pretrain_data:
         solver = Path(args.solver) if args.solver else shipped_solver(net, "solver.prototxt")
-        if args.soup > 1:
-            if not (args.weights or args.resume):
-                raise KitError(f"--soup {args.soup}: a soup averages fine-tunes of the same starting weights, "
-                               f"and this run trains from scratch: add --weights (or --pretrain-data)")
-            return fine_tune_soup(args, net, solver, args.weights, args.resume)
         return train_stage(args, net, solver, args.data_dir, args.models_dir, weights=args.weights,
                            resume=args.resume)
     if args.weights:
@@ -310,68 +296,10 @@ def train_final_stage(args, net: str) -> Path:
     stage1_models = Path(args.models_dir) / "pretrain"
     if args.resume and not is_inside(args.resume, stage1_models):
         # A stage-2 snapshot carries its own weights: stage 1 is not needed.
-        if args.soup > 1:
-            return fine_tune_soup(args, net, solver, None, args.resume)
         return train_stage(args, net, solver, args.data_dir, args.models_dir, resume=args.resume)
     weights = pretrained_weights(args, net, stage1_models)
     print(f"stage 2: fine-tuning on {args.data_dir} with {solver.name}", file=sys.stderr)
-    if args.soup > 1:
-        return fine_tune_soup(args, net, solver, str(weights), resume=None)
     return train_stage(args, net, solver, args.data_dir, args.models_dir, weights=str(weights))
-
-
-def soup_ingredients(args, net: str, solver: Path):
-    """(models dir, seed) of each fine-tune: the first in MODELS_DIR as without a soup, the others in
-    MODELS_DIR/<net>/soup_<k>/; seeds S, S+1, ... from --seed or the solver's random_seed (-1: each its own)."""
-    seed = args.seed if args.seed is not None else training.formats.read_solver(solver).random_seed
-    return [(args.models_dir if k == 1 else str(Path(args.models_dir) / net / f"soup_{k}"),
-             None if seed < 0 else seed + k - 1) for k in range(1, args.soup + 1)]
-
-
-def fine_tune_soup(args, net: str, solver: Path, weights, resume) -> Path:
-    """--soup K: K fine-tunes of ``weights`` that differ only in their seed, and their mean (caffekit/soup.py).
-    With --resume, the fine-tune the snapshot belongs to continues and the ones before it are taken as done."""
-    ingredients = soup_ingredients(args, net, solver)
-    first_to_train = 0
-    if resume:
-        owners = [k for k, (models_dir, _) in enumerate(ingredients)
-                  if Path(resume).resolve().parent == (Path(models_dir) / net).resolve()]
-        if not owners:
-            raise KitError(f"{resume}: not a snapshot of one of the {args.soup} fine-tunes of this soup "
-                           f"(expected one in {Path(args.models_dir) / net} or its soup_<k>/ folders)")
-        first_to_train = owners[0]
-        # a resumed run's config names no weights: take them from any fine-tune that started fresh
-        weights = weights or next((found for found in (_run_config(Path(models_dir) / net).get("weights")
-                                                       for models_dir, _ in ingredients) if found), None)
-    finals = []
-    for k, (models_dir, seed) in enumerate(ingredients):
-        if k < first_to_train:
-            finals.append(fine_tune_done(args, net, solver, models_dir, resume))
-            continue
-        print(f"fine-tune {k + 1} of {args.soup} (seed {seed}) into {Path(models_dir) / net}", file=sys.stderr)
-        if resume and k == first_to_train:
-            finals.append(train_stage(args, net, solver, args.data_dir, models_dir, seed=seed, resume=resume))
-        elif weights is None:
-            raise KitError(f"{resume}: no config.json of this soup names the starting weights of its remaining "
-                           f"fine-tunes (start the soup again without --resume)")
-        else:
-            finals.append(train_stage(args, net, solver, args.data_dir, models_dir, seed=seed, weights=weights))
-    prefix, iteration = finals[0].name[:-len(".caffemodel")].rsplit("_iter_", 1)
-    out = finals[0].with_name(f"{prefix}_soup_iter_{iteration}.caffemodel")
-    soup.average(finals, out)
-    print(f"soup of {len(finals)} fine-tunes: {out}")
-    return out
-
-
-def fine_tune_done(args, net: str, solver: Path, models_dir: str, resume) -> Path:
-    config = training.RunConfig(net=net, solver=str(solver), data_dir=args.data_dir, models_dir=models_dir,
-                                max_iter=args.max_iter)
-    param, _ = training.prepare_run(config)
-    final = final_snapshot(config, param)
-    if not final.is_file():
-        raise KitError(f"{final}: missing, but --resume {resume} is a later fine-tune of the soup "
-                       f"(resume the unfinished one, or start again without --resume)")
-    return final
 
 
 def write_prior_corrected(args, final: Path) -> None:

@@ -381,53 +381,6 @@ def test_cli_pretrain_data_missing_or_with_weights(tiny, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_soup_fine_tunes_with_successive_seeds_averages_them_and_resumes(tiny, tmp_path):
-    # Starting weights near the fillers, and a small rate: the tiny run's own snapshot has dead ReLUs
-    # (lr 0.01 on raw pixels), which leave nothing for the seed to change.
-    start_solver = small_solver(tmp_path / "start.prototxt", net=str(tiny["net"]), base_lr=1e-6, max_iter=1)
-    assert run_cli("--net", "age", "--data-dir", tiny["data"], "--models-dir", tmp_path / "start",
-                   "--solver", start_solver).returncode == 0
-    start = tmp_path / "start" / "age_net" / "age_net_iter_1.caffemodel"
-    solver = small_solver(tmp_path / "solver.prototxt", net=str(tiny["net"]), base_lr=1e-4, max_iter=6, snapshot=3,
-                          display=0)
-    models, out = tmp_path / "models", tmp_path / "models" / "age_net"
-    args = ["--net", "age", "--data-dir", tiny["data"], "--models-dir", models, "--solver", solver,
-            "--soup", 3, "--seed", 5]
-    proc = run_cli(*args, "--weights", start)
-    assert proc.returncode == 0, proc.stderr
-    finals = [out / "age_net_iter_6.caffemodel"] + [out / f"soup_{k}" / "age_net" / "age_net_iter_6.caffemodel"
-                                                    for k in (2, 3)]
-    configs = [json.loads((final.parent / "config.json").read_text()) for final in finals]
-    assert [config["extra"]["seed_used"] for config in configs] == [5, 6, 7]
-    assert all(Path(config["weights"]) == start for config in configs)
-    soup_path = out / "age_net_soup_iter_6.caffemodel"
-    assert f"soup of 3 fine-tunes: {soup_path}" in proc.stdout
-    assert training.newest_snapshot(out) == soup_path
-    ingredients = [graph.read_weights(formats.read_caffemodel(final))["fc"][0] for final in finals]
-    assert not np.allclose(ingredients[0], ingredients[1])  # the seeds made them differ
-    soup = graph.read_weights(formats.read_caffemodel(soup_path))["fc"][0]
-    np.testing.assert_allclose(soup, np.mean(ingredients, axis=0), rtol=1e-5, atol=1e-7)
-
-    # Resuming the third fine-tune takes the first two as done and writes the same soup again.
-    done = digest(out) | digest(finals[1].parent)
-    soup_path.unlink()
-    proc = run_cli(*args, "--resume", finals[2].parent / "age_net_iter_3.solverstate")
-    assert proc.returncode == 0, proc.stderr
-    assert "fine-tune 3 of 3" in proc.stderr and "fine-tune 2 of 3" not in proc.stderr
-    assert {name: h for name, h in (digest(out) | digest(finals[1].parent)).items() if name in done} == done
-    np.testing.assert_allclose(graph.read_weights(formats.read_caffemodel(soup_path))["fc"][0], soup, atol=1e-6)
-
-
-def test_cli_soup_needs_starting_weights_or_a_count(tiny, tmp_path):
-    proc = run_cli("--net", "age", "--data-dir", tiny["data"], "--models-dir", tmp_path / "m", "--solver",
-                   tiny["solver"], "--soup", 2)
-    assert_one_line_error(proc, "--soup 2", "from scratch", "--weights")
-    proc = run_cli("--net", "age", "--data-dir", tiny["data"], "--models-dir", tmp_path / "m", "--solver",
-                   tiny["solver"], "--soup", 0, "--weights", tiny["out"] / "age_net_iter_6.caffemodel")
-    assert_one_line_error(proc, "--soup 0")
-    assert not (tmp_path / "m").exists()
-
-
 @pytest.mark.slow
 def test_ctrl_c_snapshots_then_resume_continues(tiny, tmp_path):
     import signal
