@@ -4,6 +4,7 @@ These use the synthetic demo set (dataset/demo.py), so they run without the UTKF
 import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,3 +246,18 @@ def test_download_rejects_a_file_that_is_not_an_archive(tmp_path):
     archive.write_bytes(np.arange(1000, dtype=np.uint8).tobytes())
     result = run("dataset.download", "--archive", archive, "--dest", tmp_path / "dest")
     assert_one_line_error(result, archive, "not a readable .tar.gz")
+
+
+def test_make_dataset_val_holds_out_the_test_split_then_both_splits():
+    """`make dataset-val` wiring: the RACE faces without data's test split, then all races without it and without
+    the new validation split (the builder's side is tested in test_dataset_build)."""
+    if not shutil.which("make"):
+        pytest.skip("make is not on PATH")
+    result = subprocess.run(["make", "-n", "dataset-val", "UTKFACE_DIR=faces", "DATA_DIR=d", "PY=python"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    joined = " ".join(result.stdout.replace("\\\n", " ").split())
+    first, second = joined.split("python -m dataset.build")[1:]
+    assert "--out d/val --race asian" in first and "--hold-out d/splits/test.txt" in first
+    assert "--out d/val/pretrain --race all" in second
+    assert "--hold-out d/splits/test.txt d/val/splits/test.txt" in second
