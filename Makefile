@@ -68,19 +68,17 @@ demo:  ## every stage end to end on a small generated set (or on UTKFACE_DIR=...
 download:  ## fetch and verify the official UTKFace archive into UTKFACE_DIR
 	$(PY) -m dataset.download --dest $(UTKFACE_DIR)
 
+# The builder with the options every set shares; each target adds --out, --race, --test-fraction, --hold-out.
+BUILD_SET = $(PY) -m dataset.build --utkface $(UTKFACE_DIR) --size $(SIZE) --seed $(SEED) $(if $(ENCODED),--encoded)
+
 dataset:  ## UTKFace -> balanced LMDBs + mean.binaryproto in DATA_DIR, and the all-races set in DATA_DIR/pretrain
-	$(PY) -m dataset.build --utkface $(UTKFACE_DIR) --out $(DATA_DIR) --race $(RACE) \
-	  --size $(SIZE) --test-fraction $(TEST_FRACTION) --seed $(SEED) $(if $(ENCODED),--encoded)
-	$(if $(USE_PRETRAIN),$(PY) -m dataset.build --utkface $(UTKFACE_DIR) --out $(PRETRAIN_DIR) --race all \
-	  --size $(SIZE) --test-fraction $(PRETRAIN_TEST_FRACTION) --seed $(SEED) $(if $(ENCODED),--encoded) \
+	$(BUILD_SET) --out $(DATA_DIR) --race $(RACE) --test-fraction $(TEST_FRACTION)
+	$(if $(USE_PRETRAIN),$(BUILD_SET) --out $(PRETRAIN_DIR) --race all --test-fraction $(PRETRAIN_TEST_FRACTION) \
 	  --hold-out $(DATA_DIR)/splits/test.txt)
 
 dataset-val:  ## a validation set to choose schedules on, the test split untouched: DATA_DIR's train faces split again into VAL_DIR
-	$(PY) -m dataset.build --utkface $(UTKFACE_DIR) --out $(VAL_DIR) --race $(RACE) \
-	  --size $(SIZE) --test-fraction $(TEST_FRACTION) --seed $(SEED) $(if $(ENCODED),--encoded) \
-	  --hold-out $(DATA_DIR)/splits/test.txt
-	$(if $(USE_PRETRAIN),$(PY) -m dataset.build --utkface $(UTKFACE_DIR) --out $(VAL_DIR)/pretrain --race all \
-	  --size $(SIZE) --test-fraction $(PRETRAIN_TEST_FRACTION) --seed $(SEED) $(if $(ENCODED),--encoded) \
+	$(BUILD_SET) --out $(VAL_DIR) --race $(RACE) --test-fraction $(TEST_FRACTION) --hold-out $(DATA_DIR)/splits/test.txt
+	$(if $(USE_PRETRAIN),$(BUILD_SET) --out $(VAL_DIR)/pretrain --race all --test-fraction $(PRETRAIN_TEST_FRACTION) \
 	  --hold-out $(DATA_DIR)/splits/test.txt $(VAL_DIR)/splits/test.txt)
 
 train-age:  ## train AgeNet: pre-train on all races, fine-tune on RACE (PRETRAIN=0: RACE only; BACKEND=, SOLVER=, RESUME=)

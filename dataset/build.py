@@ -363,10 +363,10 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
         held_out = None
         if held_names is not None:
             usable, held_out = hold_out(usable, held_names)
-            if not held_out["faces_removed"]:
-                raise KitError(f"{' + '.join(map(str, hold_out_lists))}: none of the {len(held_names)} file names listed "
-                               f"is a usable image of {folder} (a list from another folder?)")
             held_out["list"] = " + ".join(map(str, hold_out_lists))
+            if not held_out["faces_removed"]:
+                raise KitError(f"{held_out['list']}: none of the {len(held_names)} file names listed is a usable "
+                               f"image of {folder} (a list from another folder?)")
         faces, groups = split.dedup(usable)
         train, test = split.stratified_split(faces, test_fraction, seed)
         if not train or not test:
