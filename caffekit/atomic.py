@@ -2,11 +2,15 @@
 
 An interrupted run therefore leaves either the old output or the new one, never a
 half-written file: the temporary sits beside the target (same file system, so the
-rename is atomic) and is removed on any failure.
+rename is atomic) and is removed on any failure. A run killed outright (kill -9, power
+loss) cannot remove its temporaries, so the next write into the same folder removes those
+of processes that no longer exist.
 """
 import contextlib
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 
 from caffekit.errors import KitError
@@ -23,6 +27,47 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+# ".<target name>.tmp-<pid>" (being written) and ".<target name>.old-<pid>" (a folder moved aside).
+_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder) -> list:
+    """Remove the temporaries that dead processes left in ``folder``, one line on stderr for each;
+    returns their paths. A live writer's temporaries (this process's included) are kept. An old
+    folder whose target is missing was moved aside just before the kill: it is put back, not lost."""
+    folder = Path(folder)
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = _LEFTOVER.match(name)
+        pid = int(match["pid"]) if match else 0
+        if pid <= 0 or pid == os.getpid() or _process_exists(pid):
+            continue
+        path, target = folder / name, folder / match["target"]
+        if match["kind"] == "old" and not os.path.lexists(target):
+            os.replace(path, target)
+            print(f"restored {target} from {name}, left by process {pid}, which was killed while replacing it",
+                  file=sys.stderr)
+            continue
+        _remove(path)
+        removed.append(path)
+        print(f"removed {path}: a temporary left by process {pid}, which no longer runs", file=sys.stderr)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(target):
     """Yield a temporary path to write ``target`` to (a file or a folder)."""
@@ -33,6 +78,7 @@ def atomic_path(target):
         raise KitError(f"{target.parent}: cannot create folder ({exc.strerror})") from None
     if not os.access(target.parent, os.W_OK):
         raise KitError(f"{target.parent}: folder is not writable")
+    remove_stale_temporaries(target.parent)
     tmp = _temporary_name(target)
     _remove(tmp)
     try:
