@@ -1,14 +1,14 @@
-"""Latency and throughput of every engine on both nets, and the end-to-end runner on a video.
+"""Latency and throughput of the edge runner's engines on both nets, and the runner itself on a video.
 
     python scripts/bench.py --data-dir data --models-dir models     # writes bench/results.md and .json
 
-On the same images (test-LMDB centre crops when the dataset exists, else generated ones):
-median batch-1 latency and async throughput of OpenVINO on the CPU with the FP32 IR at f32
-and at bf16 inference precision, the FP16 IR and the INT8 IR; OpenCV DNN on the caffemodel;
-the torch model (caffekit.torchnet). Then edge/run_inference.py on a generated 640x480 video
-with one UTKFace face moving across it, detection included. All numbers come from one run
-on one machine, so their ratios are meaningful; absolute values depend on the CPU named in
-the table.
+Every row times an engine of edge/engines.py as edge/run_inference.py builds it: OpenVINO on
+the CPU with the FP32 IR (f32 forced, and at the CPU's default precision: bf16 where the CPU has
+it), the FP16 and INT8 IRs; OpenCV DNN on the caffemodel. Latency: median of batch-1 engine.infer
+calls (engine compiled for latency); throughput: median over timed windows of results per second
+through engine.infer_async, the engine's own request queue (engine compiled for throughput). Then
+edge/run_inference.py on a generated 640x480 video with one UTKFace face moving across it.
+All numbers come from one run on the CPU named in the table, so their ratios are meaningful.
 """
 import argparse
 import json
@@ -20,21 +20,28 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# edge/ is a folder of scripts copied to the device as is, whose modules import each other by bare
+# name, so it goes on the path itself (not imported as a package).
+sys.path[:0] = [str(REPO), str(REPO / "edge")]
 
-from caffekit import atomic, formats, openvino_ir, tasks  # noqa: E402
+import engines  # noqa: E402
+import face_detection  # noqa: E402
+from model_files import EdgeError, model_files  # noqa: E402
+
+from caffekit import atomic, openvino_ir, tasks  # noqa: E402
 from caffekit.errors import KitError, cli  # noqa: E402
 
-LATENCY_RUNS = 40       # batch-1 inferences for the median
-THROUGHPUT_SECONDS = 10  # per engine: 3 s gave ratios varying by 30% between runs; 10 s keeps the run near 3 minutes
-BENCH_IMAGES = 32
-VIDEO_FRAMES = 100
-SETTINGS = {"latency_runs": LATENCY_RUNS, "seconds": THROUGHPUT_SECONDS}  # --quick lowers them
+BENCH_IMAGES = 32  # test-LMDB centre crops when the dataset exists, else generated ones
+# 40 latency runs; throughput over 5 windows of 2 s: one 3 s window gave ratios varying by 30% between runs.
+FULL = {"latency_runs": 40, "windows": 5, "window_s": 2.0, "frames": 100}
+QUICK = {"latency_runs": 5, "windows": 3, "window_s": 0.1, "frames": 10}
 UTKFACE = REPO.parent / "shared" / "data" / "utkface"
-
+# (IR, force f32): f32 is the reference the other rows are compared with; the rest run as the runner runs them.
+OPENVINO_CASES = (("FP32", True), ("FP32", False), ("FP16", False), ("INT8", False))
 
 # CPU features that decide which precisions run fast in OpenVINO's CPU plugin.
 FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx_vnni": "AVX-VNNI",
@@ -42,170 +49,110 @@ FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx_vn
 
 
 def cpu_name() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    features = [label for flag, label in FEATURES.items() if flag in cpu_flags()]
-    return f"{name} ({os.cpu_count()} logical cores; {', '.join(features) or 'no AVX2'})"
-
-
-def cpu_flags() -> set:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    match = re.search(r"^flags\s*:(.*)$", text, re.M)
-    return set(match.group(1).split()) if match else set()
-
-
-def versions() -> dict:
-    import cv2
-    import openvino as ov
-
-    found = {"python": platform.python_version(), "openvino": ov.__version__, "opencv": cv2.__version__}
-    try:
-        import torch
-        found["torch"] = torch.__version__
-    except ImportError:
-        found["torch"] = None
-    return found
+        text = ""
+    name = re.search(r"^model name\s*:(.*)$", text, re.M)
+    flags = re.search(r"^flags\s*:(.*)$", text, re.M)
+    flags = set(flags.group(1).split()) if flags else set()
+    features = [label for flag, label in FEATURES.items() if flag in flags]
+    return (f"{name.group(1).strip() if name else platform.processor() or platform.machine()} "
+            f"({os.cpu_count()} logical cores; {', '.join(features) or 'no AVX2'})")
 
 
 # ---------------------------------------------------------------- engines
-def time_latency(infer, images) -> float:
-    for image in images[:3]:  # warm-up: first calls allocate and compile kernels
-        infer(image)
+def latency_ms(engine, images, settings) -> float:
+    for image in images[:3]:  # the first calls allocate and pick kernels
+        engine.infer(image)
     times = []
-    for i in range(SETTINGS["latency_runs"]):
+    for i in range(settings["latency_runs"]):
         start = time.perf_counter()
-        infer(images[i % len(images)])
+        engine.infer(images[i % len(images)])
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times))
 
 
-def openvino_row(xml, precision_hint, images):
-    """(latency ms, throughput img/s, requests) of an IR on the CPU."""
-    import openvino as ov
-
-    core = ov.Core()
-    model = core.read_model(str(xml))
-    extra = {"INFERENCE_PRECISION_HINT": precision_hint} if precision_hint else {}
-    latency_model = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY", **extra})
-    request = latency_model.create_infer_request()
-    latency = time_latency(lambda image: request.infer({0: image[np.newaxis]}), images)
-
-    throughput_model = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "THROUGHPUT", **extra})
-    queue = ov.AsyncInferQueue(throughput_model, 0)
-    done = [0]
-    queue.set_callback(lambda request, userdata: done.__setitem__(0, done[0] + 1))
-    for i in range(2 * len(queue)):  # warm-up
-        queue.start_async({0: images[i % len(images)][np.newaxis]})
-    queue.wait_all()
-    done[0] = 0
-    start, i = time.perf_counter(), 0
-    while time.perf_counter() - start < SETTINGS["seconds"]:
-        queue.start_async({0: images[i % len(images)][np.newaxis]})
-        i += 1
-    queue.wait_all()
-    return latency, done[0] / (time.perf_counter() - start), len(queue)
+def throughput_ips(engine, images, settings):
+    """(median, every window) of results per second through the engine's own async requests."""
+    done = []
+    engine.set_callback(lambda userdata, probs: done.append(userdata))
+    engine.infer_async(images[0], -1)  # creates the engine's queue, so requests_in_flight is known
+    for i in range(2 * engine.requests_in_flight):
+        engine.infer_async(images[i % len(images)], -1)
+    engine.wait_all()
+    windows = []
+    for _ in range(settings["windows"]):
+        del done[:]
+        start, i = time.perf_counter(), 0
+        while time.perf_counter() - start < settings["window_s"]:
+            engine.infer_async(images[i % len(images)], i)
+            i += 1
+        engine.wait_all()
+        windows.append(len(done) / (time.perf_counter() - start))
+    return float(np.median(windows)), [round(w, 1) for w in windows]
 
 
-def opencv_row(net, mean, images):
-    from caffekit.evaluation import OpenCvClassifier
+def openvino_engine(files, mode, force_f32):
+    if not force_f32:
+        return engines.make_engine(files, "CPU", "openvino", mode)
+    # make_engine takes no compile options; a Core whose CPU property is set leaves the rest of the
+    # engine's code (hints, fallbacks, queue, output copy) as the runner runs it.
+    Core, AsyncInferQueue, version = engines.import_openvino()
 
-    reference = OpenCvClassifier(net.deploy, net.caffemodel)
+    def core_forcing_f32():
+        core = Core()
+        core.set_property("CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        return core
 
-    def infer(image):
-        return reference.probabilities(image.transpose(2, 0, 1)[np.newaxis].astype(np.float32) - mean)
-
-    latency = time_latency(infer, images)
-    start, count = time.perf_counter(), 0
-    while time.perf_counter() - start < SETTINGS["seconds"]:
-        infer(images[count % len(images)])
-        count += 1
-    return latency, count / (time.perf_counter() - start), 1
-
-
-def torch_row(net, mean, images):
-    import torch
-
-    from caffekit import graph, torchnet
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = torchnet.CaffeNet(formats.read_net(net.deploy), graph.TEST, {net.input_name: net.input_shape},
-                              str(net.deploy))
-    model.load_weights(net.weights, str(net.caffemodel), require_all=True)
-    model.eval()
-    blobs = [torch.from_numpy(image.transpose(2, 0, 1)[np.newaxis].astype(np.float32) - mean) for image in images]
-
-    def infer(blob):
-        with torch.no_grad():
-            return model({net.input_name: blob})[net.output_blob]
-
-    latency = time_latency(infer, blobs)
-    batch = torch.cat(blobs[:8])
-    infer(batch)
-    start, count = time.perf_counter(), 0
-    while time.perf_counter() - start < SETTINGS["seconds"]:
-        infer(batch)
-        count += len(batch)
-    return latency, count / (time.perf_counter() - start), "batch 8"
+    return engines.OpenVINOEngine(files, "CPU", mode, (core_forcing_f32, AsyncInferQueue, version))
 
 
-def bench_net(task, args, images, rows, notes):
-    net_name = tasks.TASKS[task]["net"]
-    ir = args.models_dir / "ir"
-    fp32 = openvino_ir.ir_paths(ir, net_name, "FP32")
-    if not fp32["xml"].is_file():
-        raise KitError(f"{fp32['xml']}: not found (run `make compile-ncs` first)")
-    meta = json.loads(fp32["json"].read_text())
-    bf16 = "avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()
-    cases = [("OpenVINO CPU", "FP32 IR, f32", fp32["xml"], "f32"),
-             ("OpenVINO CPU", "FP32 IR, bf16", fp32["xml"], "bf16" if bf16 else None),
-             ("OpenVINO CPU", "FP16 IR (CPU default)", openvino_ir.ir_paths(ir, net_name, "FP16")["xml"], None),
-             ("OpenVINO CPU", "INT8 IR", openvino_ir.ir_paths(ir, net_name, "INT8")["xml"], None)]
-    if not bf16:
-        notes.append("This CPU has no bf16 support: the 'bf16' row ran at the CPU's default precision.")
-    for engine, precision, xml, hint in cases:
-        if not Path(xml).is_file():
-            notes.append(f"{net_name} {precision}: {xml} not found (skipped; `make compile-int8` makes INT8)")
+def inference_precision(engine) -> str:
+    """What the compiled model runs at ('f32', 'bf16'), as OpenVINO reports it."""
+    return engine.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def bench_net(task, ir, images, settings, rows, notes):
+    net = tasks.TASKS[task]["net"]
+    for precision, force_f32 in OPENVINO_CASES:
+        try:
+            files = model_files(str(ir), task, net, precision)
+        except EdgeError as exc:
+            if precision != "INT8":
+                raise
+            notes.append(f"{net} INT8 row skipped: {exc}")
             continue
-        print(f"{net_name}: {engine} {precision}", flush=True)
-        rows.append(row(net_name, engine, precision, *openvino_row(xml, hint, images)))
-    caffemodel = Path(meta["caffe"]["caffemodel"])
-    if not caffemodel.is_file():
-        notes.append(f"{net_name}: caffemodel {caffemodel} not found: OpenCV and torch rows skipped")
-        return
-    net = openvino_ir.CaffeNet(REPO / "caffe_models" / net_name / "deploy.prototxt", caffemodel)
-    mean = np.load(fp32["mean"])
-    print(f"{net_name}: OpenCV DNN", flush=True)
-    rows.append(row(net_name, "OpenCV DNN (caffemodel)", "FP32", *opencv_row(net, mean, images)))
+        latency_engine, engine = (openvino_engine(files, mode, force_f32) for mode in ("latency", "throughput"))
+        runs_at = inference_precision(engine)
+        how = "forced" if force_f32 else "CPU default"
+        label = f"INT8 IR, INT8 + {runs_at} ({how})" if precision == "INT8" else f"{precision} IR, {runs_at} ({how})"
+        print(f"{net}: {engine.name}, {label}", flush=True)
+        rows.append(row(net, engine, label, precision, runs_at, force_f32, latency_engine, images, settings))
+        if "int8" in files.meta:
+            q = files.meta["int8"]
+            notes.append(f"{net} INT8 test accuracy {100 * q['int8_accuracy']:.1f}% vs FP32 "
+                         f"{100 * q['fp32_accuracy']:.1f}% ({q['test_images']} images)")
     try:
-        import torch  # noqa: F401
-
-        from caffekit import torchnet  # noqa: F401
-    except ImportError as exc:
-        notes.append(f"torch row skipped: {exc}")
+        engine = engines.make_engine(model_files(str(ir), task, net, "FP32"), None, "opencv")
+    except EdgeError as exc:
+        notes.append(f"{net} OpenCV row skipped: {exc}")
         return
-    print(f"{net_name}: torch", flush=True)
-    rows.append(row(net_name, "torch (caffekit.torchnet)", "FP32", *torch_row(net, mean, images)))
+    print(f"{net}: {engine.name}", flush=True)
+    rows.append(row(net, engine, "FP32", "caffemodel", "f32", False, engine, images, settings))
 
 
-def row(net, engine, precision, latency, throughput, requests):
-    return {"net": net, "engine": engine, "precision": precision, "latency_ms": round(latency, 2),
-            "throughput_ips": round(throughput, 1), "in_flight": requests}
+def row(net, engine, label, model, runs_at, forced, latency_engine, images, settings):
+    latency = latency_ms(latency_engine, images, settings)
+    throughput, windows = throughput_ips(engine, images, settings)
+    return {"net": net, "engine": engine.name, "precision": label, "model": model, "inference_precision": runs_at,
+            "forced_f32": forced, "latency_ms": round(latency, 2), "throughput_ips": round(throughput, 1),
+            "throughput_windows_ips": windows, "in_flight": engine.requests_in_flight}
 
 
 # ---------------------------------------------------------------- end to end
-def face_video(path: Path, utkface: Path, frames: int = VIDEO_FRAMES):
+def face_video(path: Path, utkface: Path, frames: int):
     """A 640x480 video: one UTKFace face (170 px) gliding over a smooth background."""
-    import cv2
-
     chips = sorted(utkface.glob("*.jpg"))
     if not chips:
         raise KitError(f"{utkface}: no UTKFace images for the end-to-end video")
@@ -239,24 +186,13 @@ def runner_fps(video: Path, models: Path, precision: str):
 
 def detection_ms(video: Path):
     """The Haar cascade alone on the video's frames: at full 640x480 and at the runner's scale."""
-    import cv2
-
-    sys.path.insert(0, str(REPO / "edge"))
-    import face_detection
-
     capture = cv2.VideoCapture(str(video))
-    frames = []
-    while len(frames) < 30:
-        ok, frame = capture.read()
-        if not ok:
-            break
-        frames.append(frame)
+    frames = [frame for frame in (capture.read()[1] for _ in range(30)) if frame is not None]
     out = {}
     full_scale = 640 / face_detection.DETECT_WIDTH  # the same smallest face, in full-size pixels
     for label, detector in (("full 640x480", face_detection.FaceDetector(
                                 detect_width=640, min_face=int(face_detection.MIN_FACE * full_scale))),
-                            (f"scaled to {face_detection.DETECT_WIDTH} wide",
-                             face_detection.FaceDetector())):
+                            (f"scaled to {face_detection.DETECT_WIDTH} wide", face_detection.FaceDetector())):
         start = time.perf_counter()
         for frame in frames:
             detector.detect(frame)
@@ -266,17 +202,17 @@ def detection_ms(video: Path):
 
 # ---------------------------------------------------------------- report
 def markdown(report) -> str:
-    lines = [f"# Inference benchmark", "",
+    lines = ["# Inference benchmark", "",
              f"CPU: {report['cpu']}  ",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + "  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + "  ",
              f"Images: {report['images']}  ", f"Date: {report['date']}  ",
              f"Load average (1 min) at start: {report['load_average_at_start']} "
              f"(other work on the machine slows every row alike)", "",
-             "| net | engine | precision | latency ms (median, batch 1) | throughput img/s | in flight | vs f32 |",
+             "| net | engine (edge/engines.py) | precision | latency ms (median, batch 1) | "
+             "throughput img/s (median) | in flight | vs f32 |",
              "|---|---|---|---:|---:|---|---:|"]
     for r in report["rows"]:
-        base = next((b["throughput_ips"] for b in report["rows"]
-                     if b["net"] == r["net"] and b["precision"] == "FP32 IR, f32"), None)
+        base = next((b["throughput_ips"] for b in report["rows"] if b["net"] == r["net"] and b["forced_f32"]), None)
         ratio = f"{r['throughput_ips'] / base:.2f}x" if base else ""
         lines.append(f"| {r['net']} | {r['engine']} | {r['precision']} | {r['latency_ms']:.2f} | "
                      f"{r['throughput_ips']:.1f} | {r['in_flight']} | {ratio} |")
@@ -290,8 +226,7 @@ def markdown(report) -> str:
                          f"{r['frames_with_one_face']} |")
         lines += ["", f"CPU time per frame depends far less on other load than FPS does; with {os.cpu_count()} "
                   f"cores free, {os.cpu_count()} x 1000 / (CPU ms per frame) is the most frames per second they "
-                  f"could sustain."]
-        lines += ["", "Haar cascade alone, ms per frame: " +
+                  f"could sustain.", "", "Haar cascade alone, ms per frame: " +
                   ", ".join(f"{k}: {v}" for k, v in report["detection_ms"].items())]
     if report["notes"]:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in report["notes"]]
@@ -309,33 +244,32 @@ def main(argv=None) -> None:
     parser.add_argument("--net", choices=("age", "gender", "all"), default="all")
     parser.add_argument("--quick", action="store_true", help="a few seconds in all (checks the bench, not the CPU)")
     args = parser.parse_args(argv)
-    frames = VIDEO_FRAMES
-    if args.quick:
-        SETTINGS.update(latency_runs=5, seconds=0.3)
-        frames = 10
+    settings = QUICK if args.quick else FULL
+    openvino = engines.import_openvino()
+    if openvino is None:
+        raise KitError("OpenVINO is not installed (`make setup` installs it)")
 
     images, source = openvino_ir.check_images(args.data_dir, "age", 227, count=BENCH_IMAGES)
-    report = {"cpu": cpu_name(), "versions": versions(), "images": source,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": [], "notes": [],
+    report = {"cpu": cpu_name(), "images": source, "settings": settings,
+              "versions": {"python": platform.python_version(), "openvino": openvino[2], "opencv": cv2.__version__},
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": [],
+              "notes": ["'forced': the FP32 IR compiled with INFERENCE_PRECISION_HINT=f32; 'CPU default': "
+                        "no hint, as the runner compiles it (OpenVINO picks bf16 on CPUs with AVX-512 BF16 or AMX)."],
               "load_average_at_start": round(os.getloadavg()[0], 2)}
-    for task in (("age", "gender") if args.net == "all" else (args.net,)):
-        bench_net(task, args, images, report["rows"], report["notes"])
-        int8 = openvino_ir.ir_paths(args.models_dir / "ir", tasks.TASKS[task]["net"], "INT8")["json"]
-        if int8.is_file():
-            q = json.loads(int8.read_text())["int8"]
-            report["notes"].append(f"{tasks.TASKS[task]['net']} INT8 test accuracy {100 * q['int8_accuracy']:.1f}% "
-                                   f"vs FP32 {100 * q['fp32_accuracy']:.1f}% ({q['test_images']} images)")
+    try:
+        for task in (("age", "gender") if args.net == "all" else (args.net,)):
+            bench_net(task, args.models_dir / "ir", images, settings, report["rows"], report["notes"])
+    except EdgeError as exc:  # a missing or mismatched FP16/FP32 IR
+        raise KitError(str(exc))
     if args.utkface.is_dir() and any(args.utkface.iterdir()):
         video = args.out / "e2e_640x480.avi"
-        face_video(video, args.utkface, frames)
+        face_video(video, args.utkface, settings["frames"])
         report["end_to_end"] = []
         for precision in ("FP16", "INT8"):
             if openvino_ir.ir_paths(args.models_dir / "ir", "age_net", precision)["xml"].is_file():
                 print(f"end to end: {precision}", flush=True)
                 report["end_to_end"].append(runner_fps(video, args.models_dir / "ir", precision))
         report["detection_ms"] = detection_ms(video)
-        import face_detection  # edge/, put on sys.path by detection_ms
-
         report["notes"].append(f"The runner detects faces on a copy scaled to {face_detection.DETECT_WIDTH} "
                                f"pixels wide (smallest face {face_detection.MIN_FACE} px there, pyramid step "
                                f"{face_detection.SCALE_STEP}): the Haar cascade on the full 640x480 frame costs "
