@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from model_files import EdgeError, check_outputs
+from model_files import OPENCV_FIELDS, EdgeError, check_fields, check_outputs
 
 BACKENDS = ("auto", "openvino", "opencv")
 DEVICES = ("MYRIAD", "CPU", "GPU", "NPU", "AUTO")
@@ -162,6 +162,7 @@ class OpenCVEngine(Engine):
         super(OpenCVEngine, self).__init__(files)
         import cv2
 
+        check_fields(files.meta, files.meta_path, OPENCV_FIELDS)
         caffe = files.meta["caffe"]
         deploy = os.path.join(files.folder, caffe["deploy"])
         mean_path = os.path.join(files.folder, files.meta["mean"]["file"])

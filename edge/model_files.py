@@ -18,7 +18,55 @@ class EdgeError(Exception):
     """A problem the user can fix, reported as one line (exit code 2)."""
 
 
-ModelFiles = namedtuple("ModelFiles", "task net folder xml bin meta")
+ModelFiles = namedtuple("ModelFiles", "task net folder xml bin meta meta_path")
+
+
+def _is_text(value):
+    return isinstance(value, str) and bool(value)
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_labels(value):
+    return isinstance(value, list) and bool(value) and all(_is_text(v) for v in value)
+
+
+def _is_shape(value):
+    return isinstance(value, list) and len(value) == 4 and all(_is_count(v) for v in value)
+
+
+# Every key of the JSON that the runner reads, checked when the file is loaded, so that a damaged
+# or foreign file is reported with its name and the key instead of failing later where it is used.
+FIELDS = (("task", "a string", _is_text), ("net", "a string", _is_text),
+          ("precision", "a string", _is_text), ("labels", "a list of strings", _is_labels),
+          ("input.shape", "a list of 4 positive integers (N, H, W, C)", _is_shape),
+          ("output.classes", "a positive integer", _is_count))
+# Read only by the OpenCV engine, which checks them when it is chosen.
+OPENCV_FIELDS = (("caffe.deploy", "a file name", _is_text), ("caffe.caffemodel", "a path", _is_text),
+                 ("caffe.caffemodel_sha256", "a sha256 hex digest", _is_text), ("mean.file", "a file name", _is_text))
+
+
+def check_fields(meta, path, fields):
+    """Raise EdgeError naming ``path`` and the first of ``fields`` that is missing or of the wrong kind."""
+    for key, kind, valid in fields:
+        value, parts = meta, key.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(value, dict):
+                raise EdgeError('{}: "{}" should be an object, not {}'.format(
+                    path, ".".join(parts[:depth]), _shown(value)))
+            if part not in value:
+                raise EdgeError('{}: no "{}" (not a model metadata file of this kit, or a damaged one)'.format(
+                    path, ".".join(parts[:depth + 1])))
+            value = value[part]
+        if not valid(value):
+            raise EdgeError('{}: "{}" should be {}, not {}'.format(path, key, kind, _shown(value)))
+
+
+def _shown(value):
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def find_models_dir(path):
@@ -52,15 +100,19 @@ def model_files(models_dir, task, net, precision):
                 "compile with `make compile-ncs`" + (" / `make compile-int8`" if precision == "INT8" else "")
             raise EdgeError("{}: missing ({})".format(path, hint))
     meta = _read_json(meta_path)
+    if not isinstance(meta, dict):
+        raise EdgeError("{}: not a model metadata file of this kit (a JSON {}, not an object)".format(
+            meta_path, "list" if isinstance(meta, list) else type(meta).__name__))
     if meta.get("format") != METADATA_FORMAT:
         raise EdgeError("{}: not a model metadata file of this kit".format(meta_path))
-    if meta.get("task") != task or meta.get("net") != net or meta.get("precision") != precision:
+    check_fields(meta, meta_path, FIELDS)
+    if meta["task"] != task or meta["net"] != net or meta["precision"] != precision:
         raise EdgeError("{}: describes the {} {} model, expected {} {} (mismatched model files)".format(
-            meta_path, meta.get("net"), meta.get("precision"), net, precision))
-    if len(meta.get("labels", ())) != meta.get("output", {}).get("classes"):
-        raise EdgeError("{}: {} labels for {} outputs".format(meta_path, len(meta.get("labels", ())),
-                                                              meta.get("output", {}).get("classes")))
-    return ModelFiles(task, net, folder, xml, bin_, meta)
+            meta_path, meta["net"], meta["precision"], net, precision))
+    if len(meta["labels"]) != meta["output"]["classes"]:
+        raise EdgeError("{}: {} labels for {} outputs".format(meta_path, len(meta["labels"]),
+                                                              meta["output"]["classes"]))
+    return ModelFiles(task, net, folder, xml, bin_, meta, meta_path)
 
 
 def all_model_files(models_dir, precision):
