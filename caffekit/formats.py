@@ -71,17 +71,22 @@ def array_to_blob(array: np.ndarray, legacy_4d: bool = False) -> caffe_pb2.BlobP
     return blob
 
 
-def read_mean(path) -> np.ndarray:
-    """The C x H x W float32 mean image of a ``mean.binaryproto``."""
+def read_blob(path, what: str = "blob") -> np.ndarray:
+    """The array of a ``.binaryproto`` file holding one BlobProto (a mean image, an infogain matrix)."""
     path = Path(path)
     blob = caffe_pb2.BlobProto()
     try:
         blob.ParseFromString(path.read_bytes())
-        mean = blob_to_array(blob)
+        return blob_to_array(blob)
     except FileNotFoundError:
-        raise KitError(f"{path}: mean file not found (run `make dataset` first)") from None
+        raise KitError(f"{path}: {what} file not found (run `make dataset` first)") from None
     except (DecodeError, ValueError) as exc:
-        raise KitError(f"{path}: not a Caffe BlobProto mean file ({exc})") from None
+        raise KitError(f"{path}: not a Caffe BlobProto {what} file ({exc})") from None
+
+
+def read_mean(path) -> np.ndarray:
+    """The C x H x W float32 mean image of a ``mean.binaryproto``."""
+    mean = read_blob(path, "mean")
     if mean.ndim == 4 and mean.shape[0] == 1:
         mean = mean[0]
     if mean.ndim != 3 or mean.shape[0] not in (1, 3):

@@ -5,7 +5,6 @@ Every backend (the torch trainer, the OpenVINO compiler, evaluation) starts from
 Caffe's own ``UpgradeV1Net`` does, filtered to one phase. Shape inference follows
 Caffe's rounding rules (pooling rounds up), which differ from most frameworks.
 """
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -16,21 +15,16 @@ from caffekit.proto import caffe_pb2
 
 TRAIN, TEST = caffe_pb2.TRAIN, caffe_pb2.TEST
 
-# Layer types every backend of the kit implements.
-SUPPORTED_TYPES = (
-    "Input", "Data", "Convolution", "ReLU", "Pooling", "LRN", "InnerProduct",
-    "Dropout", "Softmax", "SoftmaxWithLoss", "Accuracy",
-)
-# Types that carry no computation at deploy time.
-DATA_TYPES = ("Input", "Data")
-TRAIN_ONLY_TYPES = ("SoftmaxWithLoss", "Accuracy")
+from caffekit.layers import (DATA_TYPES, SUPPORTED_TYPES, TRAIN_ONLY_TYPES, conv_geometry, conv_size,  # noqa: F401
+                             learnable_blobs, pool_geometry, pooled_size, top_shapes)
 
 _V1 = caffe_pb2.V1LayerParameter
 _V1_TYPE_NAMES = {
     _V1.ACCURACY: "Accuracy", _V1.CONVOLUTION: "Convolution", _V1.DATA: "Data",
     _V1.DROPOUT: "Dropout", _V1.INNER_PRODUCT: "InnerProduct", _V1.LRN: "LRN",
     _V1.POOLING: "Pooling", _V1.RELU: "ReLU", _V1.SOFTMAX: "Softmax",
-    _V1.SOFTMAX_LOSS: "SoftmaxWithLoss",
+    _V1.SOFTMAX_LOSS: "SoftmaxWithLoss", _V1.CONCAT: "Concat", _V1.ELTWISE: "Eltwise",
+    _V1.INFOGAIN_LOSS: "InfogainLoss",
 }
 _V1_PARAM_FIELDS = (
     "accuracy_param", "convolution_param", "data_param", "dropout_param",
@@ -100,53 +94,7 @@ def net_layers(net: caffe_pb2.NetParameter, phase: Optional[int] = None,
     return layers
 
 
-# ---------------------------------------------------------------- geometry
-def _pair(repeated, single_h, single_w, default):
-    """Caffe's (h, w) from a repeated field or its _h/_w overrides."""
-    if single_h is not None and single_w is not None:
-        return int(single_h), int(single_w)
-    values = list(repeated) if repeated is not None else []
-    if not values:
-        return default, default
-    return (int(values[0]), int(values[-1]))
-
-
-def conv_geometry(param: caffe_pb2.ConvolutionParameter):
-    """((kh, kw), (sh, sw), (ph, pw), (dh, dw)) of a convolution."""
-    has = param.HasField
-    kernel = _pair(param.kernel_size, param.kernel_h if has("kernel_h") else None,
-                   param.kernel_w if has("kernel_w") else None, 0)
-    stride = _pair(param.stride, param.stride_h if has("stride_h") else None,
-                   param.stride_w if has("stride_w") else None, 1)
-    pad = _pair(param.pad, param.pad_h if has("pad_h") else None,
-                param.pad_w if has("pad_w") else None, 0)
-    dilation = _pair(param.dilation, None, None, 1)
-    return kernel, stride, pad, dilation
-
-
-def pool_geometry(param: caffe_pb2.PoolingParameter, input_hw=None):
-    """((kh, kw), (sh, sw), (ph, pw)) of a pooling layer (global pooling uses ``input_hw``)."""
-    if param.global_pooling:
-        return tuple(input_hw), (1, 1), (0, 0)
-    has = param.HasField
-    kernel = (param.kernel_h, param.kernel_w) if has("kernel_h") else (param.kernel_size,) * 2
-    stride = (param.stride_h, param.stride_w) if has("stride_h") else (param.stride,) * 2
-    pad = (param.pad_h, param.pad_w) if has("pad_h") else (param.pad,) * 2
-    return tuple(map(int, kernel)), tuple(map(int, stride)), tuple(map(int, pad))
-
-
-def pooled_size(size: int, kernel: int, stride: int, pad: int) -> int:
-    """Caffe's pooling output size: rounds up, then drops a window starting in the padding."""
-    out = int(math.ceil((size + 2 * pad - kernel) / stride)) + 1
-    if pad and (out - 1) * stride >= size + pad:
-        out -= 1
-    return out
-
-
-def conv_size(size: int, kernel: int, stride: int, pad: int, dilation: int = 1) -> int:
-    return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
-
-
+# ---------------------------------------------------------------- shapes
 def input_shapes(net: caffe_pb2.NetParameter, layers: Sequence[caffe_pb2.LayerParameter]) -> Dict[str, Tuple[int, ...]]:
     """Shapes of the net's declared inputs (``input`` + ``input_shape``/``input_dim``, or Input layers)."""
     shapes = {}
@@ -163,7 +111,7 @@ def input_shapes(net: caffe_pb2.NetParameter, layers: Sequence[caffe_pb2.LayerPa
 
 
 def blob_shapes(layers: Sequence[caffe_pb2.LayerParameter], inputs: Dict[str, Tuple[int, ...]]):
-    """Every blob's shape through the net, by Caffe's rules."""
+    """Every blob's shape through the net, by Caffe's rules (``caffekit.layers``)."""
     shapes = dict(inputs)
     for layer in layers:
         if layer.type in DATA_TYPES:
@@ -171,39 +119,17 @@ def blob_shapes(layers: Sequence[caffe_pb2.LayerParameter], inputs: Dict[str, Tu
         missing = [b for b in layer.bottom if b not in shapes]
         if missing:
             raise KitError(f"layer {layer.name!r} reads blob {missing[0]!r}, which no earlier layer produces")
-        n, *rest = shapes[layer.bottom[0]]
-        if layer.type == "Convolution":
-            c, h, w = rest
-            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv_geometry(layer.convolution_param)
-            out = (n, layer.convolution_param.num_output, conv_size(h, kh, sh, ph, dh), conv_size(w, kw, sw, pw, dw))
-        elif layer.type == "Pooling":
-            c, h, w = rest
-            (kh, kw), (sh, sw), (ph, pw) = pool_geometry(layer.pooling_param, (h, w))
-            out = (n, c, pooled_size(h, kh, sh, ph), pooled_size(w, kw, sw, pw))
-        elif layer.type == "InnerProduct":
-            out = (n, layer.inner_product_param.num_output)
-        elif layer.type in ("SoftmaxWithLoss", "Accuracy"):
-            out = ()
-        else:  # element-wise layers keep the shape
-            out = shapes[layer.bottom[0]]
-        for top in layer.top:
-            shapes[top] = out
+        for top, shape in zip(layer.top, top_shapes(layer, [shapes[b] for b in layer.bottom])):
+            shapes[top] = shape
     return shapes
 
 
 # ---------------------------------------------------------------- weights
-def learnable_shapes(layer: caffe_pb2.LayerParameter, bottom_shape: Tuple[int, ...]) -> List[Tuple[int, ...]]:
-    """Shapes of a layer's weight blobs, in Caffe's order (weights, then bias)."""
-    if layer.type == "Convolution":
-        p = layer.convolution_param
-        (kh, kw), _, _, _ = conv_geometry(p)
-        shapes = [(p.num_output, bottom_shape[1] // p.group, kh, kw)]
-        return shapes + [(p.num_output,)] if p.bias_term else shapes
-    if layer.type == "InnerProduct":
-        p = layer.inner_product_param
-        shapes = [(p.num_output, int(np.prod(bottom_shape[1:])))]
-        return shapes + [(p.num_output,)] if p.bias_term else shapes
-    return []
+def learnable_shapes(layer: caffe_pb2.LayerParameter, shapes: Dict[str, Tuple[int, ...]]) -> List[Tuple[int, ...]]:
+    """Shapes of a layer's weight blobs in Caffe's order (e.g. weights, then bias), given the blob shapes."""
+    if not layer.bottom or layer.type in DATA_TYPES:
+        return []
+    return [blob.shape for blob in learnable_blobs(layer, [shapes[b] for b in layer.bottom])]
 
 
 def read_weights(model: caffe_pb2.NetParameter) -> Dict[str, List[np.ndarray]]:
@@ -233,7 +159,7 @@ def check_weights(layers, shapes, weights, source: str) -> None:
     as 1 x 1 x out x in, which Caffe accepts too.
     """
     for layer in layers:
-        expected = learnable_shapes(layer, shapes[layer.bottom[0]]) if layer.bottom else []
+        expected = learnable_shapes(layer, shapes)
         if not expected:
             continue
         got = weights.get(layer.name)

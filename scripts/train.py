@@ -109,7 +109,7 @@ def weights_solverstate(config: training.RunConfig, net) -> Path:
 
     for layer in layers:
         if layer.bottom:
-            for shape in graph.learnable_shapes(layer, shapes[layer.bottom[0]]):
+            for shape in graph.learnable_shapes(layer, shapes):
                 state.history.append(formats.array_to_blob(np.zeros(shape, np.float32)))
     path = Path(config.out_dir) / "init_from_weights.solverstate"
     from caffekit import atomic

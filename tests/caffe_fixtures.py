@@ -19,7 +19,7 @@ MEAN_SIZE = 256
 def random_weights(layers, shapes, seed: int = 0, logit_scale: float = 1.0, bias_std: float = 0.05):
     """``{layer: [weights, bias]}`` with fan-in (He) scaled weights and gaussian biases of
     ``bias_std``; the last learnable layer's weights are scaled by ``logit_scale`` too."""
-    learnable = [(layer, graph.learnable_shapes(layer, shapes[layer.bottom[0]])) for layer in layers if layer.bottom]
+    learnable = [(layer, graph.learnable_shapes(layer, shapes)) for layer in layers if layer.bottom]
     learnable = [(layer, blob_shapes) for layer, blob_shapes in learnable if blob_shapes]
     rng = np.random.default_rng(seed)
     weights = {}

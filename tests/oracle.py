@@ -250,7 +250,7 @@ def filler_weights(net: caffe_pb2.NetParameter, input_shape: Sequence[int], seed
     rng = np.random.default_rng(seed)
     weights = {}
     for layer in layers:
-        blob_shapes = graph.learnable_shapes(layer, shapes[layer.bottom[0]]) if layer.bottom else []
+        blob_shapes = graph.learnable_shapes(layer, shapes) if layer.bottom else []
         if not blob_shapes:
             continue
         p = layer.convolution_param if layer.type == "Convolution" else layer.inner_product_param
