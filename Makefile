@@ -1,5 +1,6 @@
 # The front door: every stage of the kit is a target. `make help` lists them.
 # Inputs are variables, e.g. `make dataset UTKFACE_DIR=~/UTKFace RACE=all`.
+# Recipes pass every path through $(call q,...), so paths may hold spaces and quotes.
 
 PYTHON_BOOT ?= python3
 VENV        ?= .venv
@@ -31,6 +32,10 @@ PRETRAIN_DIR ?= $(DATA_DIR)/pretrain
 VAL_DIR     ?= $(DATA_DIR)/val
 PRETRAIN_TEST_FRACTION ?= 0.05
 
+# One shell word in single quotes (a ' inside becomes '\''); py: the Python that every recipe runs.
+q = '$(subst ','\'',$(1))'
+py = $(call q,$(PY))
+
 RACES := asian white black indian others all
 BACKENDS := auto torch caffe docker
 NETS := age gender all
@@ -42,13 +47,14 @@ $(if $(filter $(RACE),$(RACES)),,$(error RACE=$(RACE): expected one of $(RACES))
 $(if $(filter $(BACKEND),$(BACKENDS)),,$(error BACKEND=$(BACKEND): expected one of $(BACKENDS)))
 $(if $(filter $(NET),$(NETS)),,$(error NET=$(NET): expected one of $(NETS)))
 
-TRAIN_ARGS = --backend $(BACKEND) --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) \
-             $(if $(SOLVER),--solver $(SOLVER)) $(if $(RESUME),--resume $(RESUME)) \
-             $(if $(INIT_WEIGHTS),--weights $(INIT_WEIGHTS)) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \
-             $(if $(PRECISION),--precision $(PRECISION)) $(if $(TRAIN_PRETRAIN),--pretrain-data $(PRETRAIN_DIR)) \
-             $(if $(filter 0,$(PRIOR)),--no-prior)
-EVAL_ARGS  = --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS))
-IR_ARGS    = --net $(NET) --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) $(if $(WEIGHTS),--weights $(WEIGHTS))
+DIR_ARGS   = --data-dir $(call q,$(DATA_DIR)) --models-dir $(call q,$(MODELS_DIR))
+TRAIN_ARGS = --backend $(BACKEND) $(DIR_ARGS) \
+             $(if $(SOLVER),--solver $(call q,$(SOLVER))) $(if $(RESUME),--resume $(call q,$(RESUME))) \
+             $(if $(INIT_WEIGHTS),--weights $(call q,$(INIT_WEIGHTS))) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \
+             $(if $(PRECISION),--precision $(PRECISION)) \
+             $(if $(TRAIN_PRETRAIN),--pretrain-data $(call q,$(PRETRAIN_DIR))) $(if $(filter 0,$(PRIOR)),--no-prior)
+EVAL_ARGS  = $(DIR_ARGS) $(if $(WEIGHTS),--weights $(call q,$(WEIGHTS)))
+IR_ARGS    = --net $(NET) $(EVAL_ARGS)
 
 .PHONY: help setup demo download dataset dataset-val train-age train-gender test-age test-gender evaluate \
         compile-ncs compile-int8 run bench bench-dataset bench-train test test-oracle oracle clean
@@ -57,72 +63,74 @@ help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
 setup:  ## create .venv with everything the host stages and the tests need
-	$(PYTHON_BOOT) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[host,train,dev]'
+	$(PYTHON_BOOT) -m venv $(call q,$(VENV))
+	$(call q,$(VENV)/bin/python) -m pip install -q --upgrade pip
+	$(call q,$(VENV)/bin/python) -m pip install -q torch==2.13.0
+	$(call q,$(VENV)/bin/python) -m pip install -q -e '.[host,train,dev]'
 
 demo:  ## every stage end to end on a small generated set (or on UTKFACE_DIR=... when given)
-	$(PY) scripts/demo.py --out $(DEMO_DIR) $(if $(filter-out file default,$(origin UTKFACE_DIR)),--utkface $(UTKFACE_DIR))
+	$(py) scripts/demo.py --out $(call q,$(DEMO_DIR)) $(if $(filter-out file default,$(origin UTKFACE_DIR)),--utkface $(call q,$(UTKFACE_DIR)))
 
 download:  ## fetch and verify the official UTKFace archive into UTKFACE_DIR
-	$(PY) -m dataset.download --dest $(UTKFACE_DIR)
+	$(py) -m dataset.download --dest $(call q,$(UTKFACE_DIR))
 
 # The builder with the options every set shares; each target adds --out, --race, --test-fraction, --hold-out.
-BUILD_SET = $(PY) -m dataset.build --utkface $(UTKFACE_DIR) --size $(SIZE) --seed $(SEED) $(if $(ENCODED),--encoded)
+BUILD_SET = $(py) -m dataset.build --utkface $(call q,$(UTKFACE_DIR)) --size $(SIZE) --seed $(SEED) $(if $(ENCODED),--encoded)
 
 dataset:  ## UTKFace -> balanced LMDBs + mean.binaryproto in DATA_DIR, and the all-races set in DATA_DIR/pretrain
-	$(BUILD_SET) --out $(DATA_DIR) --race $(RACE) --test-fraction $(TEST_FRACTION)
-	$(if $(USE_PRETRAIN),$(BUILD_SET) --out $(PRETRAIN_DIR) --race all --test-fraction $(PRETRAIN_TEST_FRACTION) \
-	  --hold-out $(DATA_DIR)/splits/test.txt)
+	$(BUILD_SET) --out $(call q,$(DATA_DIR)) --race $(RACE) --test-fraction $(TEST_FRACTION)
+	$(if $(USE_PRETRAIN),$(BUILD_SET) --out $(call q,$(PRETRAIN_DIR)) --race all \
+	  --test-fraction $(PRETRAIN_TEST_FRACTION) --hold-out $(call q,$(DATA_DIR)/splits/test.txt))
 
 dataset-val:  ## a validation set to choose schedules on, the test split untouched: DATA_DIR's train faces split again into VAL_DIR
-	$(BUILD_SET) --out $(VAL_DIR) --race $(RACE) --test-fraction $(TEST_FRACTION) --hold-out $(DATA_DIR)/splits/test.txt
-	$(if $(USE_PRETRAIN),$(BUILD_SET) --out $(VAL_DIR)/pretrain --race all --test-fraction $(PRETRAIN_TEST_FRACTION) \
-	  --hold-out $(DATA_DIR)/splits/test.txt $(VAL_DIR)/splits/test.txt)
+	$(BUILD_SET) --out $(call q,$(VAL_DIR)) --race $(RACE) --test-fraction $(TEST_FRACTION) \
+	  --hold-out $(call q,$(DATA_DIR)/splits/test.txt)
+	$(if $(USE_PRETRAIN),$(BUILD_SET) --out $(call q,$(VAL_DIR)/pretrain) --race all \
+	  --test-fraction $(PRETRAIN_TEST_FRACTION) \
+	  --hold-out $(call q,$(DATA_DIR)/splits/test.txt) $(call q,$(VAL_DIR)/splits/test.txt))
 
 train-age:  ## train AgeNet: pre-train on all races, fine-tune on RACE (PRETRAIN=0: RACE only; BACKEND=, SOLVER=, RESUME=)
-	$(PY) scripts/train.py --net age $(TRAIN_ARGS)
+	$(py) scripts/train.py --net age $(TRAIN_ARGS)
 
 train-gender:  ## train GenderNet
-	$(PY) scripts/train.py --net gender $(TRAIN_ARGS)
+	$(py) scripts/train.py --net gender $(TRAIN_ARGS)
 
 test-age:  ## evaluate AgeNet on the test LMDB through OpenCV's Caffe importer
-	$(PY) scripts/evaluate.py --net age $(EVAL_ARGS)
+	$(py) scripts/evaluate.py --net age $(EVAL_ARGS)
 
 test-gender:  ## evaluate GenderNet
-	$(PY) scripts/evaluate.py --net gender $(EVAL_ARGS)
+	$(py) scripts/evaluate.py --net gender $(EVAL_ARGS)
 
 evaluate: test-age test-gender  ## both evaluations
 
 compile-ncs:  ## caffemodel -> OpenVINO IR, FP16 (NCS2) and FP32, in MODELS_DIR/ir
-	$(PY) scripts/compile_ir.py $(IR_ARGS) --precision FP16 FP32
+	$(py) scripts/compile_ir.py $(IR_ARGS) --precision FP16 FP32
 
 compile-int8:  ## add INT8 IRs for CPUs (NNCF post-training quantization)
-	$(PY) scripts/compile_ir.py $(IR_ARGS) --precision INT8
+	$(py) scripts/compile_ir.py $(IR_ARGS) --precision INT8
 
 run:  ## the edge runner on IMAGE=... or VIDEO=... (DEVICE=, default MYRIAD when plugged in, else CPU)
 	$(if $(IMAGE)$(VIDEO),,$(error give IMAGE=photo.jpg or VIDEO=clip.mp4))
-	$(PY) edge/run_inference.py --models $(MODELS_DIR)/ir $(if $(DEVICE),--device $(DEVICE)) \
-	  $(if $(IMAGE),--image $(IMAGE)) $(if $(VIDEO),--video $(VIDEO))
+	$(py) edge/run_inference.py --models $(call q,$(MODELS_DIR)/ir) $(if $(DEVICE),--device $(DEVICE)) \
+	  $(if $(IMAGE),--image $(call q,$(IMAGE))) $(if $(VIDEO),--video $(call q,$(VIDEO)))
 
 bench:  ## latency and throughput of every engine, both nets, and the end-to-end runner
-	$(PY) scripts/bench.py --data-dir $(DATA_DIR) --models-dir $(MODELS_DIR) --utkface $(UTKFACE_DIR)
+	$(py) scripts/bench.py $(DIR_ARGS) --utkface $(call q,$(UTKFACE_DIR))
 
 bench-train:  ## torch training throughput, AgeNet batch 50, fp32 and bf16
-	$(PY) scripts/bench_train.py --net age --batch 50 --threads 2 --json bench/train_speed.json
+	$(py) scripts/bench_train.py --net age --batch 50 --threads 2 --json bench/train_speed.json
 
 bench-dataset:  ## time the dataset build (images/s, output size)
-	$(PY) -m dataset.bench --utkface $(UTKFACE_DIR) --race $(RACE)
+	$(py) -m dataset.bench --utkface $(call q,$(UTKFACE_DIR)) --race $(RACE)
 
 test:  ## the test suite (the same command CI runs)
-	$(PY) -m pytest -q
+	$(py) -m pytest -q
 
 test-oracle:  ## only the proofs against real Caffe (needs `make oracle`)
-	$(PY) -m pytest -m oracle -rA
+	$(py) -m pytest -m oracle -rA
 
 oracle:  ## build the real Caffe used as a test oracle (about 6 minutes)
-	test -x $${CAFFE_ORACLE_HOME:-$$HOME/.cache/caffe-oracle}/caffe/bin/caffe || bash ../shared/tools/caffe-oracle/build.sh
+	test -x "$${CAFFE_ORACLE_HOME:-$$HOME/.cache/caffe-oracle}/caffe/bin/caffe" || bash ../shared/tools/caffe-oracle/build.sh
 
-clean:  ## remove generated data, models and the demo
-	rm -rf $(DATA_DIR) $(MODELS_DIR) $(DEMO_DIR)
+clean:  ## remove generated data, models and the demo (only folders the kit wrote: it refuses others)
+	$(py) -m caffekit.clean $(call q,$(DATA_DIR)) $(call q,$(MODELS_DIR)) $(call q,$(DEMO_DIR))

@@ -28,7 +28,7 @@ def _remove(path: Path) -> None:
 
 
 # ".<target name>.tmp-<pid>" (being written) and ".<target name>.old-<pid>" (a folder moved aside).
-_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
 
 
 def _process_exists(pid: int) -> bool:
@@ -52,7 +52,7 @@ def remove_stale_temporaries(folder) -> list:
         return []
     removed = []
     for name in names:
-        match = _LEFTOVER.match(name)
+        match = LEFTOVER.match(name)
         pid = int(match["pid"]) if match else 0
         if pid <= 0 or pid == os.getpid() or _process_exists(pid):
             continue

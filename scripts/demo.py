@@ -9,15 +9,19 @@ schedule so the whole demo stays within a few minutes on 2 cores. The numbers it
 prints show that the pipeline works, not how accurate a fully trained net is.
 """
 import argparse
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from caffekit import atomic
+from caffekit.clean import DEMO_MARKER
 from caffekit.errors import KitError, cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_ITERATIONS = 40  # per net: enough for the loss to fall, short enough for CI
+DEMO_ENTRIES = {DEMO_MARKER, "faces", "data", "models", "annotated.png"}  # all that the demo writes
 
 
 def run_stage(title: str, args) -> None:
@@ -36,6 +40,20 @@ def first_test_image(faces: Path) -> Path:
     return images[0]
 
 
+def claim(out: Path) -> None:
+    """Mark ``out`` as the demo's, so that `make clean` may delete it; refuse a folder holding anything else."""
+    if out.exists() and not out.is_dir():
+        raise KitError(f"{out}: exists and is not a folder; give another --out")
+    # Hidden .tmp-/.old- entries are a killed run's temporaries, which the next write removes.
+    strangers = sorted(name for name in (os.listdir(out) if out.exists() else [])
+                       if name not in DEMO_ENTRIES and not atomic.LEFTOVER.match(name))
+    if strangers:
+        raise KitError(f"{out}: exists and is not a demo folder (it holds {', '.join(strangers[:3])}); "
+                       "give another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by scripts/demo.py; `make clean` deletes this folder\n")
+
+
 @cli
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,14 +63,15 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     out = args.out.resolve()
+    claim(out)
     py = sys.executable
     data, models = out / "data", out / "models"
     if args.utkface:
-        faces, race = args.utkface.resolve(), "asian"
+        faces = args.utkface.resolve()
     else:
-        faces, race = out / "faces", "asian"
+        faces = out / "faces"
         run_stage("generate the smoke set", [py, "-m", "dataset.demo", "--out", faces])
-    run_stage("dataset", [py, "-m", "dataset.build", "--utkface", faces, "--out", data, "--race", race])
+    run_stage("dataset", [py, "-m", "dataset.build", "--utkface", faces, "--out", data, "--race", "asian"])
     for net in ("age", "gender"):
         run_stage(f"train {net}", [py, "scripts/train.py", "--net", net, "--backend", "torch",
                                    "--data-dir", data, "--models-dir", models, "--max-iter", args.iterations])

@@ -4,12 +4,12 @@ These use the synthetic demo set (dataset/demo.py), so they run without the UTKF
 import collections
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import cv2
 import numpy as np
@@ -19,6 +19,7 @@ from caffekit.errors import KitError
 from dataset import download
 from dataset.demo import write_demo
 from dataset.lmdb_io import lmdb_hash
+from test_atomic import start_paused
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,23 +166,12 @@ def test_unwritable_out_fails_with_one_line_and_leaves_nothing(demo_dir, tmp_pat
         assert list(locked.iterdir()) == []
 
 
-def default_sigint():
-    # A test run started in the background by a non-interactive shell inherits SIGINT ignored, and Python
-    # then installs no KeyboardInterrupt handler: give the child Ctrl-C's default, as a terminal would.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-@pytest.mark.slow
 def test_interrupted_build_leaves_no_partial_output(demo_dir, tmp_path):
     out = tmp_path / "data"
-    process = subprocess.Popen([sys.executable, "-m", "dataset.build", "--utkface", str(demo_dir), "--out",
-                                str(out), "--size", "512"], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
-    deadline = time.monotonic() + 60
-    while not list((out / "lmdb").glob(".age_train_lmdb.tmp-*")) and process.poll() is None:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    assert process.poll() is None, "the build ended before it could be interrupted"
+    # Stopped as it starts its second LMDB, with the first complete under a temporary name: Ctrl-C there.
+    process = start_paused(["-m", "dataset.build", "--utkface", demo_dir, "--out", out, "--size", "64"],
+                           "write_lmdb", nth=2)
+    assert [path.name for path in (out / "lmdb").iterdir()] == [f".age_train_lmdb.tmp-{process.pid}"]
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
@@ -256,8 +246,8 @@ def test_make_dataset_val_holds_out_the_test_split_then_both_splits():
     result = subprocess.run(["make", "-n", "dataset-val", "UTKFACE_DIR=faces", "DATA_DIR=d", "PY=python"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    joined = " ".join(result.stdout.replace("\\\n", " ").split())
-    first, second = joined.split("python -m dataset.build")[1:]
-    assert "--out d/val --race asian" in first and "--hold-out d/splits/test.txt" in first
-    assert "--out d/val/pretrain --race all" in second
-    assert "--hold-out d/splits/test.txt d/val/splits/test.txt" in second
+    first, second = [shlex.split(line) for line in result.stdout.replace("\\\n", " ").splitlines()]
+    assert first[:3] == second[:3] == ["python", "-m", "dataset.build"]
+    assert " ".join(first[3:]).endswith("--out d/val --race asian --test-fraction 0.2 --hold-out d/splits/test.txt")
+    assert " ".join(second[3:]).endswith("--out d/val/pretrain --race all --test-fraction 0.05 "
+                                         "--hold-out d/splits/test.txt d/val/splits/test.txt")

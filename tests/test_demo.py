@@ -5,23 +5,48 @@ import sys
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_demo(out, *extra):
+    return subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), *extra],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "scripts/demo.py", "--out", str(out), "--iterations", "2"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = run_demo(out, "--iterations", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for net in ("age_net", "gender_net"):
         assert (out / "models" / net / f"{net}_iter_2.caffemodel").is_file()
         report = json.loads((out / "models" / net / "eval" / "report.json").read_text())
-        assert report  # the evaluation ran through OpenCV and wrote its numbers
+        # The evaluation ran through OpenCV on the newest snapshot (the prior-corrected copy, written last)
+        # and scored every test record of the build.
+        assert Path(report["weights"]) == out / "models" / net / f"{net}_prior_iter_2.caffemodel"
+        test_records = len((out / "data" / f"{net[:-4]}_test.csv").read_text().splitlines()) - 1
+        for protocol in ("centre", "10crop"):
+            scores = report["protocols"][protocol]
+            confusion = np.array(scores["confusion_matrix"])
+            assert scores["count"] == confusion.sum() == test_records > 0
+            assert scores["correct"] == np.trace(confusion)
         for precision in ("FP16", "FP32"):
             assert (out / "models" / "ir" / net / precision / f"{net}.xml").is_file()
     annotated = cv2.imread(str(out / "annotated.png"))
     assert annotated is not None and annotated.shape[0] >= 200
     assert "age " in result.stdout and "demo finished" in result.stdout
+
+    cleaned = subprocess.run([sys.executable, "-m", "caffekit.clean", str(out)], capture_output=True, text=True)
+    assert cleaned.returncode == 0 and cleaned.stdout == f"removed {out} (demo)\n" and not out.exists()
+
+
+def test_demo_refuses_an_out_folder_holding_other_files(tmp_path):
+    (tmp_path / "thesis.tex").write_text("mine")
+    result = run_demo(tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: {tmp_path}: exists and is not a demo folder (it holds "
+                                          "thesis.tex); give another --out"]
+    assert [path.name for path in tmp_path.iterdir()] == ["thesis.tex"]

@@ -1,0 +1,85 @@
+"""Delete folders the kit wrote, and only those (`make clean` passes DATA_DIR, MODELS_DIR and DEMO_DIR).
+
+    python -m caffekit.clean data models demo
+
+A folder is deleted only if it carries the kit's mark: a dataset's manifest.json (dataset.build), the
+demo's marker file (scripts/demo.py), or a models folder's layout (<net>_net folders that training or
+evaluation wrote, ir/ from compile_ir.py, and models folders nested in it such as pretrain/). If any
+folder named lacks the mark, nothing is deleted: a mistyped variable must not cost a folder of one's own.
+Folders that do not exist are skipped.
+"""
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from caffekit.errors import KitError, cli
+
+DEMO_MARKER = ".agegender-kit-demo"
+NETS = ("age_net", "gender_net")
+MANIFEST_KEYS = {"config", "outputs", "classes"}  # what every manifest.json of dataset.build holds
+
+
+def _visible(folder: Path):
+    return [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
+
+
+def _is_dataset(folder: Path) -> bool:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and MANIFEST_KEYS <= manifest.keys()
+
+
+def _is_models(folder: Path, depth: int = 0) -> bool:
+    entries = _visible(folder)
+    return bool(entries) and all(_is_models_entry(entry, depth) for entry in entries)
+
+
+def _is_models_entry(entry: Path, depth: int) -> bool:
+    if not entry.is_dir() or entry.is_symlink():
+        return False
+    if entry.name in NETS:
+        return (entry / "config.json").is_file() or (entry / "eval" / "report.json").is_file()
+    if entry.name == "ir":
+        return all(net.name in NETS and net.is_dir() for net in _visible(entry))
+    return depth < 2 and _is_models(entry, depth + 1)
+
+
+def kind(folder: Path) -> Optional[str]:
+    """What the kit wrote ``folder`` as ("dataset", "demo", "models"), or None."""
+    if not folder.is_dir():
+        return None
+    if _is_dataset(folder):
+        return "dataset"
+    if (folder / DEMO_MARKER).is_file():
+        return "demo"
+    return "models" if _is_models(folder) else None
+
+
+@cli
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="folders to delete")
+    args = parser.parse_args(argv)
+    found = {}
+    for folder in args.folders:
+        if not os.path.lexists(folder):
+            continue
+        found[folder] = kind(folder)
+        if found[folder] is None:
+            raise KitError(f"{folder}: not a folder the kit wrote (no dataset manifest.json, demo marker "
+                           f"{DEMO_MARKER} or models layout); refusing to delete it, nothing deleted")
+    for folder, what in found.items():
+        if folder.is_symlink():  # as `rm -rf link`: the link goes, not what it points to
+            folder.unlink()
+        elif folder.exists():  # an earlier folder named may have held this one
+            shutil.rmtree(folder)
+        print(f"removed {folder} ({what})")
+
+
+if __name__ == "__main__":
+    main()
