@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from caffekit import formats
+from caffekit import formats, models
 from caffekit.atomic import atomic_path
 from caffekit.errors import KitError, cli
 from caffekit.proto import caffe_pb2
@@ -39,6 +39,18 @@ from dataset import augment, split, utkface
 from dataset.lmdb_io import value_digest, write_lmdb
 
 TASK_LABELS = {"age": AGE_LABELS, "gender": GENDER_LABELS}
+JOINT_SIZE = 72  # the joint net's LMDB images: random 64 x 64 crops in training, the centre one at test time
+
+
+def joint_labels(face) -> Dict[str, int]:
+    """The joint net's two labels: the age in years (its image LMDB) and the gender (its label LMDB)."""
+    return {"age": models.age_year_label(face.age), "gender": face.gender}
+
+
+def label_datum_bytes(label: int) -> bytes:
+    """A 1 x 1 x 1 Datum whose one pixel and label are ``label``: read by a second Data layer with one top,
+    it gives the net a second label blob in the image LMDB's key order (stock Caffe has one label a Datum)."""
+    return caffe_pb2.Datum(channels=1, height=1, width=1, data=bytes([label]), label=label).SerializeToString()
 JPEG_QUALITY = 95  # for --encoded Datums (the benchmark's alternative; raw is the default)
 
 
@@ -80,24 +92,36 @@ class ImageJobs:
         image, reason = utkface.check_image(data)
         return name, hashlib.sha256(data).hexdigest(), None if image is None else image.shape, reason
 
-    def load(self, name: str) -> np.ndarray:
+    def load(self, name: str, size: Optional[int] = None) -> np.ndarray:
         """A checked file, resized; it passed the checks earlier, so a failure now means it changed."""
         try:
-            return utkface.load(self.folder / name, self.size)
+            return utkface.load(self.folder / name, size or self.size)
         except (OSError, ValueError) as exc:
             raise KitError(f"{self.folder / name}: changed or vanished during the build ({exc})") from None
 
-    def pixel_sum(self, names: List[str]) -> np.ndarray:
+    def pixel_sum(self, names_size) -> np.ndarray:
         """Exact (integer) pixel sums of resized originals: the mean cannot depend on the order of the work."""
-        total = np.zeros((self.size, self.size, 3), np.uint64)
+        names, size = names_size
+        total = np.zeros((size, size, 3), np.uint64)
         for name in names:
-            total += self.load(name)
+            total += self.load(name, size)
         return total
+
+    def mean(self, faces, size: int, imap, progress: bool, desc: str) -> np.ndarray:
+        """The C x H x W float32 mean of ``faces`` resized to ``size``."""
+        chunks = [([face.name for face in faces[i:i + 64]], size) for i in range(0, len(faces), 64)]
+        total = np.zeros((size, size, 3), np.uint64)
+        for partial in _bar(imap(self.pixel_sum, chunks), progress, total=len(chunks), desc=desc):
+            total += partial
+        return (total / len(faces)).astype(np.float32).transpose(2, 0, 1)
 
     def record(self, job) -> tuple:
         """(key, serialized Datum, its sha256) of one LMDB record."""
-        key, name, copy, label = job
-        image = self.load(name)
+        key, name, copy, label, size = job
+        if size == 0:  # a label Datum (no image)
+            value = label_datum_bytes(label)
+            return key.encode(), value, value_digest(value)
+        image = self.load(name, size)
         if copy:
             image = augment.augment(image, self.seed, name, copy)
         if self.encoded:
@@ -245,7 +269,8 @@ def _test_csv(items: List[split.Item], task: str) -> str:
     writer.writerow(["key", "source", "age", "gender", "label"])
     for index, item in enumerate(items):
         face = item.face
-        writer.writerow([item.key(index), face.name, face.age, face.gender, face.label(task)])
+        label = joint_labels(face)["age"] if task == "joint" else face.label(task)
+        writer.writerow([item.key(index), face.name, face.age, face.gender, label])
     return text.getvalue()
 
 
@@ -293,8 +318,23 @@ def _manifest(folder, out, race, size, test_fraction, seed, encoded, source, can
     }
 
 
+def lmdb_records(plans: Dict[str, List[split.Item]], size: int, joint_size: int):
+    """(LMDB path, [(key, file, copy, label, image size or 0 for a label Datum)]) of every LMDB of a build."""
+    for name, items in plans.items():
+        task, split_name = name.split("_")
+        if task != "joint":
+            yield f"lmdb/{name}_lmdb", [(item.key(i), item.face.name, item.copy, item.face.label(task), size)
+                                        for i, item in enumerate(items)]
+            continue
+        labels = [joint_labels(item.face) for item in items]
+        yield f"lmdb/joint_{split_name}_lmdb", [(item.key(i), item.face.name, item.copy, label["age"], joint_size)
+                                                for i, (item, label) in enumerate(zip(items, labels))]
+        yield f"lmdb/joint_{split_name}_gender_lmdb", [(item.key(i), item.face.name, item.copy, label["gender"], 0)
+                                                       for i, (item, label) in enumerate(zip(items, labels))]
+
+
 def write_outputs(out: Path, plans: Dict[str, List[split.Item]], train, test, jobs: ImageJobs, imap,
-                  manifest: dict, record_bytes: int, progress: bool) -> None:
+                  manifest: dict, record_bytes: int, progress: bool, joint_size: int = 0) -> None:
     """Write every output under a temporary name; rename them all only once all are complete."""
     with _cleanup_new_folders(out), contextlib.ExitStack() as renames:
         def staged(relative: str) -> Path:
@@ -303,27 +343,26 @@ def write_outputs(out: Path, plans: Dict[str, List[split.Item]], train, test, jo
             return renames.enter_context(atomic_path(out / relative))
 
         manifest_tmp = staged("manifest.json")
-        for name, items in plans.items():
-            task = name.split("_")[0]
-            records = [(item.key(index), item.face.name, item.copy, item.face.label(task))
-                       for index, item in enumerate(items)]
-            path = f"lmdb/{name}_lmdb"
+        for path, records in lmdb_records(plans, jobs.size, joint_size):
             made = _bar(imap(jobs.record, records), progress, total=len(records), desc=path)
             manifest["outputs"][path] = write_lmdb(staged(path), made, len(records), record_bytes)
 
-        chunks = [[face.name for face in train[i:i + 64]] for i in range(0, len(train), 64)]
-        total = np.zeros((jobs.size, jobs.size, 3), np.uint64)
-        for partial in _bar(imap(jobs.pixel_sum, chunks), progress, total=len(chunks), desc="mean"):
-            total += partial
-        mean = (total / len(train)).astype(np.float32).transpose(2, 0, 1)
-
-        files = {relative: staged(relative) for relative in
-                 ("mean.binaryproto", "mean.npy", "age_test.csv", "gender_test.csv", "splits")}
+        names = ["mean.binaryproto", "mean.npy", "age_test.csv", "gender_test.csv", "splits"]
+        if joint_size:
+            names += ["joint_mean.binaryproto", "joint_test.csv", "joint_infogain.binaryproto"]
+        files = {relative: staged(relative) for relative in names}
+        mean = jobs.mean(train, jobs.size, imap, progress, "mean")
         formats.write_mean(files["mean.binaryproto"], mean)
         with open(files["mean.npy"], "wb") as stream:  # np.save on a name would append ".npy"
             np.save(stream, mean, allow_pickle=False)
         for task in TASK_LABELS:
             files[f"{task}_test.csv"].write_text(_test_csv(plans[f"{task}_test"], task))
+        if joint_size:
+            formats.write_mean(files["joint_mean.binaryproto"],
+                               jobs.mean(train, joint_size, imap, progress, "joint mean"))
+            files["joint_test.csv"].write_text(_test_csv(plans["joint_test"], "joint"))
+            files["joint_infogain.binaryproto"].write_bytes(
+                formats.array_to_blob(models.infogain_matrix()[np.newaxis, np.newaxis]).SerializeToString())
         splits = files.pop("splits")
         splits.mkdir()
         for name, faces in (("train", train), ("test", test)):
@@ -336,7 +375,7 @@ def write_outputs(out: Path, plans: Dict[str, List[split.Item]], train, test, jo
 
 def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction: float = 0.2, seed: int = 1,
           encoded: bool = False, workers: Optional[int] = None, progress: bool = True,
-          hold_out_lists: Sequence[Path] = ()) -> dict:
+          hold_out_lists: Sequence[Path] = (), joint_size: int = JOINT_SIZE) -> dict:
     """Build every output into ``out``; returns the manifest."""
     folder, out = Path(utkface_dir), Path(out)
     hold_out_lists = [Path(path) for path in hold_out_lists]
@@ -345,6 +384,8 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
         raise KitError(f"race {race!r}: expected one of {', '.join(utkface.RACES)}")
     if size < 8:
         raise KitError(f"size {size}: expected at least 8 pixels")
+    if joint_size and joint_size < 8:
+        raise KitError(f"joint size {joint_size}: expected 0 (no joint LMDBs) or at least 8 pixels")
     if not 0 < test_fraction < 1:
         raise KitError(f"test fraction {test_fraction}: expected a number between 0 and 1")
     workers = workers or min(2, os.cpu_count() or 1)
@@ -381,6 +422,10 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
                           "train_oversampled": split.class_counts(plans[f"{task}_train"], task, len(labels)),
                           "test": split.class_counts(test, task, len(labels))}
                    for task, labels in TASK_LABELS.items()}
+        if joint_size:
+            # The joint net reads the age net's plan (balanced over decade bins) at its own image size.
+            plans["joint_train"], plans["joint_test"] = plans["age_train"], test_items
+            classes.update(joint_classes(train, plans["joint_train"], test))
 
         # An upper bound of one record (a JPEG of a noisy image stays well under the raw size plus a page).
         record_bytes = 3 * size * size + (4096 if encoded else 64)
@@ -391,8 +436,24 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
 
         manifest = _manifest(folder, out, race, size, test_fraction, seed, encoded, source, candidates, usable,
                              faces, skipped, groups, train, test, classes, held_out)
-        write_outputs(out, plans, train, test, jobs, imap, manifest, record_bytes, progress)
+        manifest["config"]["joint_size"] = joint_size
+        write_outputs(out, plans, train, test, jobs, imap, manifest, record_bytes, progress, joint_size)
     return manifest
+
+
+def joint_classes(train, train_plan, test) -> Dict[str, dict]:
+    """Class counts of the joint net's heads (one class a year, and gender) for the prior correction."""
+    def counts(items, head: str, n: int) -> List[int]:
+        values = [0] * n
+        for item in items:
+            values[joint_labels(item.face if isinstance(item, split.Item) else item)[head]] += 1
+        return values
+
+    years = [str(year) for year in range(models.AGE_YEAR_CLASSES)]
+    return {f"joint_{head}": {"labels": labels, "train": counts(train, head, len(labels)),
+                              "train_oversampled": counts(train_plan, head, len(labels)),
+                              "test": counts(test, head, len(labels))}
+            for head, labels in (("age", years), ("gender", GENDER_LABELS))}
 
 
 def _check_writable(out: Path) -> None:
@@ -418,6 +479,8 @@ def build_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--encoded", action="store_true",
                         help="store JPEG-encoded Datums (quality 95): about 8x smaller, not pixel-exact; "
                              "the default raw Datums decode back to the exact resized pixels")
+    parser.add_argument("--joint-size", default=JOINT_SIZE, type=int,
+                        help=f"image size of the joint net's LMDBs (default: {JOINT_SIZE}; 0: no joint LMDBs)")
     parser.add_argument("--hold-out", type=Path, metavar="FILE", nargs="+", default=[],
                         help="leave out the faces named in the FILEs (one per line, e.g. data/splits/test.txt) and "
                              "their byte-identical copies: for a pre-training set that excludes a test split "
@@ -429,8 +492,8 @@ def build_argparser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_argparser().parse_args(argv)
     manifest = build(args.utkface, args.out, args.race, args.size, args.test_fraction, args.seed, args.encoded,
-                     hold_out_lists=args.hold_out)
-    print(format_tables(manifest["classes"]))
+                     hold_out_lists=args.hold_out, joint_size=args.joint_size)
+    print(format_tables({task: table for task, table in manifest["classes"].items() if task in TASK_LABELS}))
     source, duplicates = manifest["source"], manifest["duplicates"]
     print(f"{source['files']} files, {source['selected']} {args.race}, {source['skipped']} skipped, "
           f"{duplicates['groups']} duplicate groups ({duplicates['dropped']} dropped for conflicting labels), "

@@ -1,0 +1,114 @@
+"""The registry of model families: each net, its heads, and the facts every stage reads about them.
+
+Training, evaluation, compiling and the benchmark look nets up here; the IR's JSON carries the heads
+to the device, so ``edge/`` never imports this module. A head is one named output of the deploy net.
+"""
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from caffekit.errors import KitError
+from caffekit.tasks import AGE_BIN_CENTRES, AGE_BIN_EDGES, AGE_LABELS, GENDER_LABELS, age_to_bin
+
+# The joint net's age head: one class per year 0..AGE_YEARS_MAX (older faces count as AGE_YEARS_MAX).
+AGE_YEARS_MAX = 100
+AGE_YEAR_CLASSES = AGE_YEARS_MAX + 1
+# Label-distribution learning: each face's age becomes a Gaussian over the neighbouring years.
+AGE_SIGMA_YEARS = 2.0
+
+
+class Head(NamedTuple):
+    output: str                  # blob name in deploy.prototxt = output name of the IR
+    task: str                    # age (decade bins) | age_years (expected age) | gender
+    labels: Optional[Tuple[str, ...]] = None  # class names; None for a value head
+
+
+class Prior(NamedTuple):
+    """A classifier whose bias the prior correction shifts, and the manifest class counts it uses."""
+    layer: str
+    classes: str                 # key in the dataset manifest's "classes"
+
+
+class Model(NamedTuple):
+    key: str                     # --net / make target name: age, gender, joint
+    name: str                    # folder and file prefix: age_net ...
+    heads: Tuple[Head, ...]
+    data: str                    # LMDB family in DATA_DIR: lmdb/<data>_{train,test}_lmdb, <data>_test.csv
+    priors: Tuple[Prior, ...]
+    mean_file: str = "mean.binaryproto"
+    # Layers whose weights are facts, not learned: {layer: function() -> blobs}, written by the kit.
+    fixed_layers: Dict[str, Callable[[], List[np.ndarray]]] = {}
+
+    def head(self, task: str) -> Optional[Head]:
+        return next((head for head in self.heads if head.task == task), None)
+
+    @property
+    def tasks(self) -> Tuple[str, ...]:
+        return tuple(head.task for head in self.heads)
+
+
+def age_bin_matrix() -> np.ndarray:
+    """9 x 101: row b sums the probabilities of the years in decade bin b."""
+    matrix = np.zeros((len(AGE_LABELS), AGE_YEAR_CLASSES), np.float32)
+    for year in range(AGE_YEAR_CLASSES):
+        matrix[age_to_bin(year), year] = 1.0
+    return matrix
+
+
+def age_year_values() -> np.ndarray:
+    """1 x 101: the expected age is the probabilities times the years."""
+    return np.arange(AGE_YEAR_CLASSES, dtype=np.float32)[np.newaxis]
+
+
+def infogain_matrix(sigma: float = AGE_SIGMA_YEARS) -> np.ndarray:
+    """H for InfogainLoss: row k is a normalised Gaussian around year k, the soft label of age k."""
+    years = np.arange(AGE_YEAR_CLASSES, dtype=np.float64)
+    rows = np.exp(-0.5 * ((years[np.newaxis] - years[:, np.newaxis]) / sigma) ** 2)
+    return (rows / rows.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def age_year_label(age: int) -> int:
+    return min(int(age), AGE_YEARS_MAX)
+
+
+MODELS: Dict[str, Model] = {
+    "age": Model("age", "age_net", (Head("prob", "age", tuple(AGE_LABELS)),), "age", (Prior("fc8", "age"),)),
+    "gender": Model("gender", "gender_net", (Head("prob", "gender", tuple(GENDER_LABELS)),), "gender",
+                    (Prior("fc8", "gender"),)),
+    "joint": Model("joint", "joint_net",
+                   (Head("age_bins", "age", tuple(AGE_LABELS)), Head("age_years", "age_years"),
+                    Head("gender", "gender", tuple(GENDER_LABELS))),
+                   "joint", (Prior("age_fc", "joint_age"), Prior("gender_fc", "joint_gender")),
+                   mean_file="joint_mean.binaryproto",
+                   fixed_layers={"age_bins": lambda: [age_bin_matrix()],
+                                 "age_years": lambda: [age_year_values()]}),
+}
+PAIR = ("age", "gender")  # the Levi & Hassner nets, one task each
+
+
+def model(key: str) -> Model:
+    try:
+        return MODELS[key]
+    except KeyError:
+        raise KitError(f"unknown net {key!r} (expected one of {', '.join(MODELS)})") from None
+
+
+def by_name(name: str) -> Model:
+    """The model whose folder/prefix is ``name`` (age_net ...)."""
+    for entry in MODELS.values():
+        if entry.name == name:
+            return entry
+    raise KitError(f"unknown net {name!r} (expected one of {', '.join(m.name for m in MODELS.values())})")
+
+
+def head_metadata(head: Head) -> dict:
+    """A head as the IR's JSON lists it (what the edge runner reads)."""
+    meta = {"name": head.output, "task": head.task}
+    if head.labels is not None:
+        meta["labels"] = list(head.labels)
+    if head.task == "age":
+        meta["age_bin_edges"] = list(AGE_BIN_EDGES)
+        meta["age_bin_centres"] = list(AGE_BIN_CENTRES)
+    if head.task == "age_years":
+        meta["unit"] = "years"
+    return meta
