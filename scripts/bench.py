@@ -74,14 +74,14 @@ def latency_ms(engine, images, settings) -> float:
 
 
 def throughput_ips(engine, images, settings):
-    """(median, every window) of results per second through the engine's own async requests."""
+    """(median, every window) of results per second through the engine's own async requests; results timed."""
     done = []
     engine.set_callback(lambda userdata, probs: done.append(userdata))
     engine.infer_async(images[0], -1)  # creates the engine's queue, so requests_in_flight is known
     for i in range(2 * engine.requests_in_flight):
         engine.infer_async(images[i % len(images)], -1)
     engine.wait_all()
-    windows = []
+    windows, timed = [], 0
     for _ in range(settings["windows"]):
         del done[:]
         start, i = time.perf_counter(), 0
@@ -90,7 +90,8 @@ def throughput_ips(engine, images, settings):
             i += 1
         engine.wait_all()
         windows.append(len(done) / (time.perf_counter() - start))
-    return float(np.median(windows)), [round(w, 1) for w in windows]
+        timed += len(done)
+    return float(np.median(windows)), [round(w, 1) for w in windows], timed
 
 
 def openvino_engine(files, mode, force_f32):
@@ -144,10 +145,10 @@ def bench_net(task, ir, images, settings, rows, notes):
 
 def row(net, engine, label, model, runs_at, forced, latency_engine, images, settings):
     latency = latency_ms(latency_engine, images, settings)
-    throughput, windows = throughput_ips(engine, images, settings)
+    throughput, windows, timed = throughput_ips(engine, images, settings)
     return {"net": net, "engine": engine.name, "precision": label, "model": model, "inference_precision": runs_at,
             "forced_f32": forced, "latency_ms": round(latency, 2), "throughput_ips": round(throughput, 1),
-            "throughput_windows_ips": windows, "in_flight": engine.requests_in_flight}
+            "throughput_windows_ips": windows, "timed_results": timed, "in_flight": engine.requests_in_flight}
 
 
 # ---------------------------------------------------------------- end to end
