@@ -36,7 +36,8 @@ from caffekit import atomic, openvino_ir, tasks  # noqa: E402
 from caffekit.errors import KitError, cli  # noqa: E402
 
 BENCH_IMAGES = 32  # test-LMDB centre crops when the dataset exists, else generated ones
-# 40 latency runs; throughput over 5 windows of 2 s: one 3 s window gave ratios varying by 30% between runs.
+# One 3 s throughput window gave ratios varying by 30% between runs. Five 2 s windows cost the same 10 s as the
+# single window that replaced it, and their median is not moved by one window that other work disturbed.
 FULL = {"latency_runs": 40, "windows": 5, "window_s": 2.0, "frames": 100}
 QUICK = {"latency_runs": 5, "windows": 3, "window_s": 0.1, "frames": 10}
 UTKFACE = REPO.parent / "shared" / "data" / "utkface"
