@@ -4,10 +4,12 @@ import json
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 
 from caffekit import evaluation, formats, tasks, training
+from caffekit.proto import caffe_pb2
 from train_fixtures import REPO, make_dataset, small_solver
 
 UTKFACE = REPO.parent / "shared" / "data" / "utkface"
@@ -94,12 +96,41 @@ def test_evaluate_cli_writes_report_and_confusion(model):
         assert (out / f"confusion_{protocol}.png").stat().st_size > 1000
     assert "rows: true, columns: predicted" in proc.stdout
     assert "true \\ pred" in proc.stdout and "80+" in proc.stdout
-    # The centre-crop probabilities equal a direct OpenCV forward of the same preprocessing.
+    # The centre-crop probabilities equal a direct OpenCV forward of Caffe's TEST transform (the centre 227
+    # crop of each Datum minus the same crop of the mean), and the report's centre scores are theirs.
+    images, labels = read_datums(model["data"] / "lmdb/age_test_lmdb")
+    assert labels.tolist() == [tasks.age_to_bin(int(a)) for a in
+                               np.genfromtxt(model["data"] / "age_test.csv", delimiter=",", names=True)["age"]]
+    offset = (256 - 227) // 2
+    crops = (images - formats.read_mean(model["data"] / "mean.binaryproto"))[:, :, offset:offset + 227,
+                                                                             offset:offset + 227]
+    net = cv2.dnn.readNetFromCaffe(str(REPO / "caffe_models/age_net/deploy.prototxt"), report["weights"])
+    net.setInput(np.ascontiguousarray(crops))
+    direct = net.forward().reshape(len(images), -1)
+    assert direct.std(axis=0).max() > 1e-4  # the images give different answers, so a wrong crop would show
     classifier = evaluation.OpenCvClassifier(REPO / "caffe_models/age_net/deploy.prototxt", report["weights"])
     preds = evaluation.predict(classifier, model["data"] / "lmdb/age_test_lmdb",
-                               model["data"] / "mean.binaryproto", batch_size=12, progress=False)
-    assert preds.labels.tolist() == [tasks.age_to_bin(int(a)) for a in
-                                     np.genfromtxt(model["data"] / "age_test.csv", delimiter=",", names=True)["age"]]
+                               model["data"] / "mean.binaryproto", batch_size=5, progress=False)
+    np.testing.assert_allclose(preds.centre, direct, atol=1e-6)
+    np.testing.assert_array_equal(preds.labels, labels)
+    centre = report["protocols"]["centre"]
+    assert centre["correct"] == int((direct.argmax(1) == labels).sum())
+    assert centre["confusion_matrix"] == evaluation.confusion_matrix(labels, direct.argmax(1), 9).tolist()
+    ages = np.genfromtxt(model["data"] / "age_test.csv", delimiter=",", names=True)["age"]
+    assert centre["mae_years"] == pytest.approx(np.abs(direct @ np.array(tasks.AGE_BIN_CENTRES) - ages).mean())
+
+
+def read_datums(path):
+    """The raw Datums of an LMDB in key order, read with lmdb and protobuf alone: (N x C x H x W float32, labels)."""
+    import lmdb
+
+    images, labels = [], []
+    with lmdb.open(str(path), readonly=True, lock=False) as env, env.begin() as txn:
+        for _, value in txn.cursor():
+            datum = caffe_pb2.Datum.FromString(value)
+            images.append(np.frombuffer(datum.data, np.uint8).reshape(datum.channels, datum.height, datum.width))
+            labels.append(datum.label)
+    return np.stack(images).astype(np.float32), np.array(labels)
 
 
 @pytest.mark.slow

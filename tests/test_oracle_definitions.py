@@ -15,12 +15,6 @@ pytestmark = pytest.mark.oracle
 NETS = {"age_net": ("age", 9), "gender_net": ("gender", 2)}
 
 
-def shipped_solver(net_dir):
-    """The default solver, or the Levi & Hassner one until the default lands."""
-    default = net_dir / "solver.prototxt"
-    return default if default.is_file() else net_dir / "solver_levi_hassner.prototxt"
-
-
 @pytest.fixture(scope="module")
 def faces_256(tmp_path_factory, utkface_dir):
     """12 train and 4 test faces at 256x256 per task, LMDBs and a mean file, like `make dataset` writes."""
@@ -41,7 +35,7 @@ def test_caffe_trains_our_train_val_and_solver(caffe_oracle, faces_256, tmp_path
     net = oracle.rewrite_train_val(net_dir / "train_val.prototxt", tmp_path / "train_val.prototxt",
                                    faces_256 / f"{task}_train_lmdb", faces_256 / f"{task}_test_lmdb",
                                    faces_256 / "mean.binaryproto", batch_size=4)
-    solver = formats.read_solver(shipped_solver(net_dir))
+    solver = formats.read_solver(net_dir / "solver.prototxt")
     # Keep the shipped schedule (lr, policy, momentum, decay); run 3 iterations, test at 2.
     solver.net = str(tmp_path / "train_val.prototxt")
     solver.max_iter, solver.display, solver.test_interval = 3, 1, 2
