@@ -11,11 +11,11 @@ counts; nothing is fitted, and nothing comes from the test split.
 """
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from caffekit import formats
+from caffekit import formats, models
 from caffekit.errors import KitError
 from caffekit.proto import caffe_pb2
 
@@ -29,44 +29,80 @@ def class_counts(manifest_path, task: str):
         raise KitError(f"{manifest_path}: no train class counts for {task} ({exc.__class__.__name__})") from None
 
 
-def log_prior_ratio(original: Sequence[float], oversampled: Sequence[float]) -> np.ndarray:
-    """log(p_real / p_balanced) per class, shifted so the largest class gets 0 (a softmax ignores the shift)."""
+def log_prior_ratio(original: Sequence[float], oversampled: Sequence[float], allow_empty: bool = False) -> np.ndarray:
+    """log(p_real / p_balanced) per class, shifted so the largest class gets 0 (a softmax ignores the shift).
+
+    ``allow_empty``: classes with no train face (a year nobody in the set had) get the lowest shift of
+    the others, so the correction never makes an unseen class likelier."""
     original, oversampled = np.asarray(original, float), np.asarray(oversampled, float)
-    if np.any(original <= 0) or np.any(oversampled <= 0):
+    empty = (original <= 0) | (oversampled <= 0)
+    if np.any(empty) and (not allow_empty or np.all(empty)):
         raise KitError("a class with no train face has no prior to restore")
-    ratio = np.log(original / original.sum()) - np.log(oversampled / oversampled.sum())
+    ratio = np.zeros_like(original)
+    seen = ~empty
+    ratio[seen] = np.log(original[seen] / original[seen].sum()) - np.log(oversampled[seen] / oversampled[seen].sum())
+    ratio[empty] = ratio[seen].min() if np.any(empty) else 0.0
     return ratio - ratio.max()
 
 
-def classifier_layer(model: caffe_pb2.NetParameter, source: str):
-    """The last InnerProduct layer with a bias (the one the softmax reads), as stored: V2 or V1 entry."""
-    stored = model.layer if len(model.layer) else model.layers
+def stored_layers(model: caffe_pb2.NetParameter):
+    return model.layer if len(model.layer) else model.layers
+
+
+def classifier_layer(model: caffe_pb2.NetParameter, source: str, name: Optional[str] = None):
+    """The InnerProduct layer ``name`` with a bias (default: the last one, which the softmax reads), as
+    stored: V2 or V1 entry. Old Levi & Hassner caffemodels call theirs fc8 too, or otherwise."""
     inner_product = ("InnerProduct", caffe_pb2.V1LayerParameter.INNER_PRODUCT)
-    candidates = [layer for layer in stored if layer.type in inner_product and len(layer.blobs) == 2]
-    if not candidates:
-        raise KitError(f"{source}: no InnerProduct layer with a bias to correct")
+    candidates = [layer for layer in stored_layers(model) if layer.type in inner_product and len(layer.blobs) == 2]
+    if name is not None and any(layer.name == name for layer in candidates):
+        return next(layer for layer in candidates if layer.name == name)
+    if not candidates or (name is not None and len({layer.name for layer in candidates}) > 1):
+        raise KitError(f"{source}: no InnerProduct layer {name or ''} with a bias to correct".replace("  ", " "))
     return candidates[-1]
 
 
-def correct(weights_path, manifest_path, task: str, out_path) -> np.ndarray:
-    """Write ``out_path``: the caffemodel with the prior shift added to its classifier's bias; returns the shift."""
+def correct(weights_path, manifest_path, net: str, out_path) -> Dict[str, np.ndarray]:
+    """Write ``out_path``: the caffemodel with each head's prior shift added to its classifier's bias (and
+    the net's fixed layers written in); returns {layer: shift}."""
+    entry = models.model(net)
     model = formats.read_caffemodel(weights_path)
-    layer = classifier_layer(model, str(weights_path))
-    bias = formats.blob_to_array(layer.blobs[1])
-    shift = log_prior_ratio(*class_counts(manifest_path, task))
-    if bias.size != shift.size:
-        raise KitError(f"{weights_path}: {layer.name} has {bias.size} outputs, {manifest_path} has "
-                       f"{shift.size} {task} classes")
-    corrected = (bias.astype(np.float64).ravel() + shift).astype(np.float32)
-    blob = layer.blobs[1]
-    values = blob.double_data if len(blob.double_data) else blob.data
-    values[:] = corrected.tolist()  # in place: the blob keeps its shape fields, whichever Caffe wrote
+    shifts = {}
+    for head_prior in entry.priors:
+        layer = classifier_layer(model, str(weights_path), head_prior.layer)
+        bias = formats.blob_to_array(layer.blobs[1])
+        shift = log_prior_ratio(*class_counts(manifest_path, head_prior.classes), allow_empty=net == "joint")
+        if bias.size != shift.size:
+            raise KitError(f"{weights_path}: {layer.name} has {bias.size} outputs, {manifest_path} has "
+                           f"{shift.size} {head_prior.classes} classes")
+        corrected = (bias.astype(np.float64).ravel() + shift).astype(np.float32)
+        blob = layer.blobs[1]
+        values = blob.double_data if len(blob.double_data) else blob.data
+        values[:] = corrected.tolist()  # in place: the blob keeps its shape fields, whichever Caffe wrote
+        shifts[layer.name] = shift
+    add_fixed_layers(model, entry)
     formats.write_caffemodel(out_path, model)
-    return shift
+    return shifts
 
 
-def corrected_name(snapshot: Path) -> Path:
+def add_fixed_layers(model: caffe_pb2.NetParameter, entry: "models.Model") -> None:
+    """Write the net's fixed-weight layers (sums over a softmax, e.g. age_bins) into a caffemodel, so every
+    engine that loads deploy.prototxt with it gets those outputs without code of its own."""
+    for name, make_blobs in entry.fixed_layers.items():
+        for existing in [layer for layer in stored_layers(model) if layer.name == name]:
+            stored_layers(model).remove(existing)
+        layer = model.layer.add(name=name, type="InnerProduct")
+        layer.blobs.extend(formats.array_to_blob(array) for array in make_blobs())
+
+
+def finished_copy(weights_path, out_path, net: str) -> None:
+    """The caffemodel with the fixed layers but no prior correction (for --no-prior)."""
+    model = formats.read_caffemodel(weights_path)
+    add_fixed_layers(model, models.model(net))
+    formats.write_caffemodel(out_path, model)
+
+
+def corrected_name(snapshot: Path, kind: str = "prior") -> Path:
     """age_net_iter_800.caffemodel -> age_net_prior_iter_800.caffemodel (still a *_iter_N snapshot name, so
     evaluation and compilation take it as the newest)."""
     prefix, iteration = snapshot.name[:-len(".caffemodel")].rsplit("_iter_", 1)
-    return snapshot.with_name(f"{prefix}_prior_iter_{iteration}.caffemodel")
+    return snapshot.with_name(f"{prefix}_{kind}_iter_{iteration}.caffemodel")

@@ -23,12 +23,12 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from caffekit import atomic, formats, graph
+from caffekit import atomic, formats, graph, models
 from caffekit.errors import KitError
 from caffekit.proto import caffe_pb2
 
 REPO = Path(__file__).resolve().parents[1]
-NETS = {"age": "age_net", "gender": "gender_net"}
+NETS = {key: entry.name for key, entry in models.MODELS.items()}
 LOG_FIELDS = ["iter", "loss", "smoothed_loss", "lr", "test_loss", "test_accuracy", "seconds"]
 
 
@@ -98,6 +98,8 @@ def prepare_run(config: RunConfig) -> Tuple[caffe_pb2.SolverParameter, caffe_pb2
             layer.data_param.source = str(resolve_path(layer.data_param.source, data_dir))
         if layer.HasField("transform_param") and layer.transform_param.mean_file:
             layer.transform_param.mean_file = str(resolve_path(layer.transform_param.mean_file, data_dir))
+        if layer.HasField("infogain_loss_param") and layer.infogain_loss_param.source:
+            layer.infogain_loss_param.source = str(resolve_path(layer.infogain_loss_param.source, data_dir))
     prefix = Path(param.snapshot_prefix or config.net).name
     net_resolved = out_dir / "train_val.prototxt"
     solver_resolved = out_dir / "solver.prototxt"
@@ -281,14 +283,17 @@ def choose_precision(precision: str, device) -> str:
 
 
 def data_layers(net: caffe_pb2.NetParameter, source: str):
-    """{phase: Data layer} of a net (Caffe allows one per phase here)."""
+    """{phase: [Data layers]} of a net. Several Data layers of a phase read their LMDBs in step (Caffe's
+    readers all start at the first key), which is how a second LMDB gives each image a second label."""
     layers = {}
     for phase in (graph.TRAIN, graph.TEST):
         found = [layer for layer in graph.net_layers(net, phase, source) if layer.type == "Data"]
-        if len(found) > 1:
-            raise KitError(f"{source}: more than one Data layer in phase {caffe_pb2.Phase.Name(phase)}")
+        sizes = {layer.data_param.batch_size for layer in found}
+        if len(sizes) > 1:
+            raise KitError(f"{source}: the Data layers of phase {caffe_pb2.Phase.Name(phase)} have different "
+                           f"batch sizes {sorted(sizes)}: their records would fall out of step")
         if found:
-            layers[phase] = found[0]
+            layers[phase] = found
     if graph.TRAIN not in layers:
         raise KitError(f"{source}: no Data layer for the TRAIN phase")
     return layers
@@ -353,10 +358,15 @@ class Trainer:
         config.extra.update(seed_used=self.seed, precision_used=self.precision, device_used=str(self.device),
                             torch=torch.__version__, threads_used=torch.get_num_threads())
         data = data_layers(net, source)
-        self.train_data = lmdb_data.DataLayer(data[graph.TRAIN], train=True, seed=self.seed)
+        self.train_data = [lmdb_data.DataLayer(layer, train=True, seed=self.seed) for layer in data[graph.TRAIN]]
         self.test_data = None
         if graph.TEST in data and param.test_iter:
-            self.test_data = lmdb_data.DataLayer(data[graph.TEST], train=False, seed=self.seed)
+            self.test_data = [lmdb_data.DataLayer(layer, train=False, seed=self.seed) for layer in data[graph.TEST]]
+        for layers in (self.train_data, self.test_data or []):
+            counts = {len(layer.source) for layer in layers}
+            if len(counts) > 1:
+                raise KitError(f"{source}: the LMDBs of one phase hold different record counts "
+                               f"({', '.join(f'{layer.source.path}: {len(layer.source)}' for layer in layers)})")
         self.train_net = torchnet.CaffeNet(net, graph.TRAIN, self._input_shapes(self.train_data), source, self.seed)
         self.test_net = None
         if self.test_data is not None:
@@ -368,16 +378,15 @@ class Trainer:
         info = self.train_net.param_info
         self.solver = solver_lib.SgdSolver(param, self.train_net.params(), [p.lr_mult for p in info],
                                            [p.decay_mult for p in info])
-        # NCHW measured as fast or faster than channels_last here (max pooling gains, the
-        # convolution backward loses): keep torch's default layout.
-        self.channels_last = False
         self.last_snapshot: Optional[Path] = None
 
     @staticmethod
-    def _input_shapes(layer) -> Dict[str, Tuple[int, ...]]:
-        shapes = {layer.tops[0]: layer.shape}
-        if len(layer.tops) > 1:
-            shapes[layer.tops[1]] = (layer.batch_size,)
+    def _input_shapes(layers) -> Dict[str, Tuple[int, ...]]:
+        shapes = {}
+        for layer in layers:
+            shapes[layer.tops[0]] = layer.shape
+            if len(layer.tops) > 1:
+                shapes[layer.tops[1]] = (layer.batch_size,)
         return shapes
 
     # -- weights in and out
@@ -415,28 +424,25 @@ class Trainer:
         return model_path
 
     # -- one pass
-    def _to_device(self, batch):
-        data, labels = batch
+    def _inputs(self, layers, batches) -> Dict[str, object]:
+        """The next batch of every Data layer, as the net's input blobs on the device."""
         torch = self.torch
-        x = torch.from_numpy(data)
-        y = torch.from_numpy(labels)
-        if self.device.type == "cuda":
-            x, y = x.pin_memory().to(self.device, non_blocking=True), y.to(self.device)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y
+        inputs = {}
+        for layer, stream in zip(layers, batches):
+            data, labels = next(stream)
+            x, y = torch.from_numpy(data), torch.from_numpy(labels)
+            if self.device.type == "cuda":
+                x, y = x.pin_memory().to(self.device, non_blocking=True), y.to(self.device)
+            inputs[layer.tops[0]] = x
+            if len(layer.tops) > 1:
+                inputs[layer.tops[1]] = y
+        return inputs
 
     def _autocast(self):
         torch = self.torch
         if self.precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return torch.autocast(self.device.type, enabled=False)
-
-    def _inputs(self, net, layer, x, y):
-        inputs = {layer.tops[0]: x}
-        if len(layer.tops) > 1:
-            inputs[layer.tops[1]] = y
-        return inputs
 
     def test(self, batches) -> Dict[str, float]:
         """Caffe's TestClassification: every net output averaged over test_iter batches."""
@@ -445,8 +451,7 @@ class Trainer:
         iters = int(self.param.test_iter[0])
         with torch.no_grad(), self._autocast():
             for _ in range(iters):
-                x, y = self._to_device(next(batches))
-                blobs = self.test_net(self._inputs(self.test_net, self.test_data, x, y))
+                blobs = self.test_net(self._inputs(self.test_data, batches))
                 for name in self.test_net.outputs:
                     value = blobs[name]
                     if value.dim() == 0:
@@ -463,12 +468,12 @@ class Trainer:
         title = f"{self.net_param.name or self.config.net}: {param.lr_policy} lr {param.base_lr:g}, " \
                 f"{self.precision} on {self.device.type}"
         iter_size = int(param.iter_size)
-        train_batches = self.train_data.batches(start_iter * iter_size)
+        train_batches = [layer.batches(start_iter * iter_size) for layer in self.train_data]
         test_batches = None
         if self.test_data is not None:
             interval = int(param.test_interval)
             tests_before = sum(1 for i in range(0, start_iter, interval) if i > 0 or param.test_initialization)
-            test_batches = self.test_data.batches(tests_before * int(param.test_iter[0]))
+            test_batches = [layer.batches(tests_before * int(param.test_iter[0])) for layer in self.test_data]
         write_config(self.config)
         losses: List[float] = []
         smoothed = 0.0
@@ -510,9 +515,9 @@ class Trainer:
                     torch.manual_seed(self.seed * 1_000_003 + iteration)
                     loss_sum = 0.0
                     for _ in range(iter_size):
-                        x, y = self._to_device(next(train_batches))
+                        inputs = self._inputs(self.train_data, train_batches)
                         with self._autocast():
-                            blobs = self.train_net(self._inputs(self.train_net, self.train_data, x, y))
+                            blobs = self.train_net(inputs)
                             loss = self.train_net.loss(blobs)
                         loss.backward()
                         loss_sum += float(loss.detach())
@@ -561,9 +566,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            train_batches.close()
-            if test_batches is not None:
-                test_batches.close()
+            for stream in train_batches + (test_batches or []):
+                stream.close()
             if log.rows:
                 log.write()
                 plot_curves(log, self.out_dir / "learning_curve.png", title)

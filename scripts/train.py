@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffekit import prior, training  # noqa: E402
+from caffekit import models, prior, training  # noqa: E402
 from caffekit.errors import KitError, cli  # noqa: E402
 
 REPO = training.REPO
@@ -95,15 +95,18 @@ def weights_solverstate(config: training.RunConfig, net) -> Path:
     from caffekit.lmdb_data import LmdbSource
     from caffekit.proto import caffe_pb2
 
-    data = training.data_layers(net, config.net_resolved)[graph.TRAIN]
-    source = LmdbSource(data.data_param.source)
-    channels, height, width = source.shape
-    source.close()
-    crop = data.transform_param.crop_size
-    batch = data.data_param.batch_size
+    inputs = {}
+    for data in training.data_layers(net, config.net_resolved)[graph.TRAIN]:
+        source = LmdbSource(data.data_param.source)
+        channels, height, width = source.shape
+        source.close()
+        crop = data.transform_param.crop_size
+        batch = data.data_param.batch_size
+        inputs[data.top[0]] = (batch, channels, crop or height, crop or width)
+        if len(data.top) > 1:
+            inputs[data.top[1]] = (batch,)
     layers = graph.net_layers(net, graph.TRAIN, config.net_resolved)
-    shapes = graph.blob_shapes(layers, {data.top[0]: (batch, channels, crop or height, crop or width),
-                                        data.top[1]: (batch,)})
+    shapes = graph.blob_shapes(layers, inputs)
     state = caffe_pb2.SolverState(iter=0, learned_net=str(Path(config.weights).resolve()), current_step=0)
     import numpy as np
 
@@ -282,6 +285,10 @@ def main(argv=None) -> int:
     final = train_final_stage(args, net)
     if not args.no_prior:
         write_prior_corrected(args, final)
+    elif models.model(args.net).fixed_layers:
+        out = prior.corrected_name(final, "deploy")
+        prior.finished_copy(final, out, args.net)
+        print(f"with its fixed layers: {out}")
     return 0
 
 
@@ -308,8 +315,10 @@ def write_prior_corrected(args, final: Path) -> None:
         print(f"no {manifest} (not built by `make dataset`): no prior-corrected copy written", file=sys.stderr)
         return
     out = prior.corrected_name(final)
-    shift = prior.correct(final, manifest, args.net, out)
-    print(f"prior-corrected copy: {out} (fc8 bias + [{' '.join(f'{v:.2f}' for v in shift)}])")
+    shifts = prior.correct(final, manifest, args.net, out)
+    for layer, shift in shifts.items():
+        values = " ".join(f"{v:.2f}" for v in shift[:12]) + (" ..." if len(shift) > 12 else "")
+        print(f"prior-corrected copy: {out} ({layer} bias + [{values}])")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def test_corrected_net_applies_bayes_rule_and_changes_nothing_else(tmp_path):
     weights = cf.write_random_caffemodel(DEPLOY, tmp_path / "age_net_iter_800.caffemodel", logit_std=1.0)
     out = prior.corrected_name(weights)
     assert out.name == "age_net_prior_iter_800.caffemodel"
-    shift = prior.correct(weights, write_manifest(tmp_path / "manifest.json"), "age", out)
+    shift = prior.correct(weights, write_manifest(tmp_path / "manifest.json"), "age", out)["fc8"]
 
     expected = np.log(np.array(ORIGINAL) / max(ORIGINAL))
     np.testing.assert_allclose(shift, expected, rtol=1e-12)
@@ -52,7 +52,7 @@ def test_corrected_net_applies_bayes_rule_and_changes_nothing_else(tmp_path):
 def test_an_already_natural_prior_changes_nothing(tmp_path):
     weights = cf.write_random_caffemodel(DEPLOY, tmp_path / "a_iter_1.caffemodel")
     manifest = write_manifest(tmp_path / "manifest.json", ORIGINAL, ORIGINAL)
-    shift = prior.correct(weights, manifest, "age", tmp_path / "a_prior_iter_1.caffemodel")
+    shift = prior.correct(weights, manifest, "age", tmp_path / "a_prior_iter_1.caffemodel")["fc8"]
     assert np.allclose(shift, 0)
 
 
