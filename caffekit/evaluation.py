@@ -61,6 +61,12 @@ class OpenCvClassifier:
         self.net.setInput(np.ascontiguousarray(batch, dtype=np.float32))
         return self.net.forward().reshape(len(batch), -1).astype(np.float64)
 
+    def outputs(self, batch: np.ndarray, names) -> dict:
+        """{blob name: N x size} of several output blobs in one forward pass."""
+        self.net.setInput(np.ascontiguousarray(batch, dtype=np.float32))
+        values = self.net.forward(list(names))
+        return {name: np.asarray(value).reshape(len(batch), -1).astype(np.float64) for name, value in zip(names, values)}
+
 
 @dataclass
 class Predictions:

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from caffekit import formats, graph, tasks
+from caffekit import formats, graph, models, tasks
 from caffekit.atomic import atomic_path
 from caffekit.errors import KitError
 
@@ -87,7 +87,13 @@ class CaffeNet:
         self.shapes = graph.blob_shapes(self.layers, inputs)
         self.weights = graph.read_weights(formats.read_caffemodel(self.caffemodel))
         graph.check_weights(self.layers, self.shapes, self.weights, str(self.caffemodel))
-        self.output_blob = self.layers[-1].top[0]
+        # Caffe's net outputs: blobs produced and never read afterwards (in-place tops included).
+        consumed = {b for layer in self.layers for b in layer.bottom}
+        produced = [t for layer in self.layers for t in layer.top]
+        self.output_blobs = [t for i, t in enumerate(produced) if t not in consumed and t not in produced[i + 1:]]
+        # One output keeps the IR's historical name; several keep their blob names (the heads).
+        self.output_names = [OUTPUT_NAME] if len(self.output_blobs) == 1 else list(self.output_blobs)
+        self.output_blob = self.output_blobs[0]
 
     @property
     def size(self) -> int:
@@ -95,7 +101,10 @@ class CaffeNet:
 
     @property
     def classes(self) -> int:
-        return int(np.prod(self.shapes[self.output_blob][1:]))
+        return self.output_size(self.output_blob)
+
+    def output_size(self, blob: str) -> int:
+        return int(np.prod(self.shapes[blob][1:]))
 
 
 def mean_crop(mean_chw: np.ndarray, size: int, source="mean file") -> np.ndarray:
@@ -111,16 +120,49 @@ def mean_crop(mean_chw: np.ndarray, size: int, source="mean file") -> np.ndarray
 
 
 # ---------------------------------------------------------------- the graph
-def _padding_end(size: int, kernel: int, stride: int, pad: int, out: int) -> int:
-    """End padding that makes floor rounding give Caffe's (rounded up) output size."""
-    return max((out - 1) * stride + kernel - size - pad, 0)
+def fold_batch_norm(layers, weights):
+    """(layers, weights) with each BatchNorm (and a Scale right after it) that follows a convolution
+    folded into that convolution's weights and bias: the IR then has one op where Caffe had three, as
+    the NCS2 likes. Folding happens in float64 from Caffe's own statistics (sums / scale factor)."""
+    weights = {name: [np.asarray(a, np.float64) for a in arrays] for name, arrays in weights.items()}
+    producer, read_since_written, kept = {}, {}, []
+    for layer in layers:
+        blob = layer.bottom[0] if len(layer.bottom) == 1 else None
+        conv = producer.get(blob)
+        # In place on a convolution's output that nothing has read yet: Caffe's order makes it part of
+        # that convolution.
+        if (layer.type in ("BatchNorm", "Scale") and conv is not None and conv.type == "Convolution"
+                and list(layer.top) == [blob] and not read_since_written.get(blob)):
+            w, *bias = weights[conv.name]
+            bias = bias[0].ravel() if bias else np.zeros(w.shape[0])
+            if layer.type == "BatchNorm":
+                mean_sum, var_sum, weight_sum = (a.ravel() for a in weights[layer.name])
+                factor = 0.0 if weight_sum[0] == 0 else 1.0 / weight_sum[0]
+                scale = 1.0 / np.sqrt(var_sum * factor + layer.batch_norm_param.eps)
+                shift = -mean_sum * factor * scale
+            else:
+                scale, *beta = (a.ravel() for a in weights[layer.name])
+                shift = beta[0] if beta else np.zeros_like(scale)
+            weights[conv.name] = [w * scale.reshape((-1,) + (1,) * (w.ndim - 1)), bias * scale + shift]
+            continue
+        kept.append(layer)
+        for bottom in layer.bottom:
+            read_since_written[bottom] = True
+        for top in layer.top:
+            producer[top], read_since_written[top] = layer, False
+    return kept, weights
 
 
 class _Builder:
-    def __init__(self, fp16_weights: bool):
-        self.op = _opset()
-        self.ov = _ov()
+    """Weight constants for the ops of ``openvino_ops``: f32, or f16 + Convert in FP16 IRs."""
+
+    def __init__(self, weights, fp16_weights: bool):
+        self.op, self.op1, self.ov = _opset(), _opset1(), _ov()
+        self._weights = weights
         self.fp16_weights = fp16_weights
+
+    def weights(self, layer):
+        return self._weights.get(layer.name, [])
 
     def weight(self, array: np.ndarray, shape=None):
         array = np.asarray(array, np.float32)
@@ -130,65 +172,14 @@ class _Builder:
             return self.op.constant(array)
         return self.op.convert(self.op.constant(array.astype(np.float16)), self.ov.Type.f32)
 
-    def convolution(self, x, layer, weights, bottom_shape):
-        p = layer.convolution_param
-        (kh, kw), stride, (ph, pw), dilation = graph.conv_geometry(p)
-        w = weights[0].reshape(p.num_output, bottom_shape[1] // p.group, kh, kw)
-        if p.group == 1:
-            y = self.op.convolution(x, self.weight(w), list(stride), [ph, pw], [ph, pw], list(dilation))
-        else:
-            w = w.reshape(p.group, p.num_output // p.group, *w.shape[1:])
-            y = self.op.group_convolution(x, self.weight(w), list(stride), [ph, pw], [ph, pw], list(dilation))
-        if p.bias_term:
-            y = self.op.add(y, self.weight(weights[1], (1, p.num_output, 1, 1)))
-        return y
-
-    def pooling(self, x, layer, bottom_shape, top_shape):
-        p = layer.pooling_param
-        (kh, kw), (sh, sw), (ph, pw) = graph.pool_geometry(p, bottom_shape[2:])
-        h, w = bottom_shape[2:]
-        end = [_padding_end(h, kh, sh, ph, top_shape[2]), _padding_end(w, kw, sw, pw, top_shape[3])]
-        if p.pool == p.MAX:
-            # Caffe ignores padded cells in max pooling, as MaxPool does.
-            return _opset1().max_pool(x, [sh, sw], [ph, pw], end, [kh, kw], "floor")
-        if p.pool == p.AVE:
-            # Caffe divides by the window clipped to the padded image: real padding counts
-            # as zeros, the extra cells of the rounded-up last window do not. Pad explicitly,
-            # then exclude only the remaining (rounding) padding.
-            if ph or pw:
-                x = self.op.pad(x, np.array([0, 0, ph, pw], np.int64), np.array([0, 0, ph, pw], np.int64),
-                                "constant", np.float32(0))
-                end = [max(end[0] - ph, 0), max(end[1] - pw, 0)]
-            return self.op.avg_pool(x, [sh, sw], [0, 0], end, [kh, kw], True, "floor")
-        raise KitError(f"layer {layer.name!r}: pooling method {p.pool} is not supported (MAX and AVE are)")
-
-    def lrn(self, x, layer):
-        p = layer.lrn_param
-        if p.norm_region != p.ACROSS_CHANNELS:
-            raise KitError(f"layer {layer.name!r}: LRN norm_region WITHIN_CHANNEL is not supported")
-        # Caffe: x / (k + alpha/n * sum(x^2))^beta over n channels, which is OpenVINO's LRN on axis 1.
-        return self.op.lrn(x, np.array([1], np.int64), alpha=p.alpha, beta=p.beta, bias=p.k, size=p.local_size)
-
-    def inner_product(self, x, layer, weights):
-        p = layer.inner_product_param
-        flat = self.op.reshape(x, np.array([0, -1], np.int64), special_zero=True)
-        w = weights[0].reshape(p.num_output, -1)
-        y = self.op.matmul(flat, self.weight(w), False, True)
-        if p.bias_term:
-            y = self.op.add(y, self.weight(weights[1], (1, p.num_output)))
-        return y
-
-    def relu(self, x, layer):
-        slope = layer.relu_param.negative_slope
-        if slope == 0:
-            return self.op.relu(x)
-        return self.op.prelu(x, np.array([slope], np.float32))
-
 
 def build_model(net: CaffeNet, mean: np.ndarray, fp16_weights: bool = False):
-    """The ``ov.Model`` of ``net`` with preprocessing in front: u8 BGR NHWC image in, probabilities out."""
+    """The ``ov.Model`` of ``net`` with preprocessing in front: u8 BGR NHWC image in, one result per head."""
+    from caffekit.layers.openvino_ops import OPS
+
     ov, op = _ov(), _opset()
-    builder = _Builder(fp16_weights)
+    layers, weights = fold_batch_norm(net.layers, net.weights)
+    builder = _Builder(weights, fp16_weights)
     size = net.size
     image = op.parameter([1, size, size, 3], ov.Type.u8, name=INPUT_NAME)
     image.set_layout(ov.Layout(INPUT_LAYOUT))
@@ -197,43 +188,30 @@ def build_model(net: CaffeNet, mean: np.ndarray, fp16_weights: bool = False):
     x = op.transpose(x, np.array([0, 3, 1, 2], np.int64))
     x = op.subtract(x, op.constant(mean[np.newaxis].astype(np.float32)))  # f32 even in FP16 IRs
     blobs = {net.input_name: x.output(0)}
-    for layer in net.layers:
+    for layer in layers:
         if layer.type in graph.DATA_TYPES:
             continue
-        bottom = blobs[layer.bottom[0]]
-        bottom_shape = net.shapes[layer.bottom[0]]
-        top_shape = net.shapes[layer.top[0]]
-        weights = net.weights.get(layer.name, [])
-        if layer.type == "Convolution":
-            y = builder.convolution(bottom, layer, weights, bottom_shape)
-        elif layer.type == "Pooling":
-            y = builder.pooling(bottom, layer, bottom_shape, top_shape)
-        elif layer.type == "LRN":
-            y = builder.lrn(bottom, layer)
-        elif layer.type == "InnerProduct":
-            y = builder.inner_product(bottom, layer, weights)
-        elif layer.type == "ReLU":
-            y = builder.relu(bottom, layer)
-        elif layer.type == "Dropout":
-            y = bottom  # identity at test time (Caffe scales during training)
-        elif layer.type == "Softmax":
-            y = _opset1().softmax(bottom, layer.softmax_param.axis % len(bottom_shape))  # SoftMax-1: axis >= 0
-        else:
+        if layer.type not in OPS:
             raise KitError(f"{net.deploy}: layer {layer.name!r} of type {layer.type!r} has no OpenVINO mapping")
-        if not isinstance(y, ov.Output):
-            y = y.output(0)
-        if y is not bottom:
-            y.get_node().set_friendly_name(layer.name)
-        got = tuple(y.get_partial_shape().to_shape())
-        if got != tuple(top_shape):
-            raise KitError(f"{net.deploy}: layer {layer.name!r} gives shape {got} in OpenVINO, "
-                           f"Caffe's rules give {tuple(top_shape)}")
-        blobs[layer.top[0]] = y
-    out = blobs[net.output_blob]
-    out.get_tensor().set_names({OUTPUT_NAME})
-    result = op.result(out)
-    result.set_friendly_name(OUTPUT_NAME)
-    return ov.Model([result], [image], net.name)
+        bottoms = [blobs[b] for b in layer.bottom]
+        for top, y in zip(layer.top, OPS[layer.type](builder, layer, bottoms, net.shapes)):
+            if not isinstance(y, ov.Output):
+                y = y.output(0)
+            if all(y is not bottom for bottom in bottoms):
+                y.get_node().set_friendly_name(layer.name)
+            got = tuple(y.get_partial_shape().to_shape())
+            if got != tuple(net.shapes[top]):
+                raise KitError(f"{net.deploy}: layer {layer.name!r} gives shape {got} in OpenVINO, "
+                               f"Caffe's rules give {tuple(net.shapes[top])}")
+            blobs[top] = y
+    results = []
+    for blob, name in zip(net.output_blobs, net.output_names):
+        out = blobs[blob]
+        out.get_tensor().set_names({name})
+        result = op.result(out)
+        result.set_friendly_name(name)
+        results.append(result)
+    return ov.Model(results, [image], net.name)
 
 
 # ---------------------------------------------------------------- inference helpers
@@ -246,22 +224,37 @@ def compile_for_cpu(model_or_xml, precision_hint: Optional[str] = "f32"):
     return core.compile_model(model, "CPU", config)
 
 
-def ir_probabilities(compiled, images_hwc: Sequence[np.ndarray]) -> np.ndarray:
-    """Probabilities of each u8 BGR H x W x 3 image through a compiled IR."""
+def ir_outputs(compiled, images_hwc: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
+    """{output name: N x size} for u8 BGR H x W x 3 images through a compiled IR."""
     request = compiled.create_infer_request()
-    out = []
+    names = [output.get_any_name() for output in compiled.outputs]
+    out: Dict[str, list] = {name: [] for name in names}
     for image in images_hwc:
-        result = request.infer({0: image[np.newaxis]})
-        out.append(np.array(next(iter(result.values()))).reshape(-1))
-    return np.stack(out)
+        request.infer({0: image[np.newaxis]})
+        for name, output in zip(names, compiled.outputs):
+            out[name].append(np.array(request.get_tensor(output).data).reshape(-1))
+    return {name: np.stack(values) for name, values in out.items()}
 
 
-def opencv_probabilities(net: CaffeNet, mean: np.ndarray, images_hwc: Sequence[np.ndarray]) -> np.ndarray:
-    """The same images through OpenCV's Caffe importer (the reference for the numerical check)."""
+def ir_probabilities(compiled, images_hwc: Sequence[np.ndarray]) -> np.ndarray:
+    """The first output of each image through a compiled IR (the only one of a one-task net)."""
+    return next(iter(ir_outputs(compiled, images_hwc).values()))
+
+
+def opencv_outputs(net: CaffeNet, mean: np.ndarray, images_hwc: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
+    """The same images through OpenCV's Caffe importer (the reference for the numerical check), by IR name."""
     from caffekit.evaluation import OpenCvClassifier
 
     batch = np.stack([image.transpose(2, 0, 1) for image in images_hwc]).astype(np.float32) - mean[np.newaxis]
-    return OpenCvClassifier(net.deploy, net.caffemodel).probabilities(batch)
+    outputs = OpenCvClassifier(net.deploy, net.caffemodel).outputs(batch, net.output_blobs)
+    return dict(zip(net.output_names, (outputs[blob] for blob in net.output_blobs)))
+
+
+def output_difference(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> float:
+    """The largest difference over all outputs; a value head in years counts in units of 100 years, so every
+    output is compared on a 0-1 scale."""
+    return max(float(np.max(np.abs(a[name] - b[name]))) / (models.AGE_YEARS_MAX if name == "age_years" else 1.0)
+               for name in a)
 
 
 def opencv_reference_problem(net: CaffeNet) -> Optional[str]:
@@ -346,21 +339,29 @@ def newer_ops(xml_path, max_opset: int = MAX_OPSET) -> List[str]:
     return bad
 
 
-def task_metadata(task: str) -> dict:
-    meta = {"task": task, "net": tasks.TASKS[task]["net"], "labels": list(tasks.labels(task))}
-    if task == "age":
-        meta["age_bin_edges"] = list(tasks.AGE_BIN_EDGES)
-        meta["age_bin_centres"] = list(tasks.AGE_BIN_CENTRES)
+def model_metadata(entry: models.Model, net: CaffeNet) -> dict:
+    """What the runner reads about the net's heads: "outputs" (name, task, labels, size) for every model,
+    and the one-task fields (task, labels, output) that runners of the Levi & Hassner pair read."""
+    outputs = []
+    for head in entry.heads:
+        name = head.output if len(net.output_blobs) > 1 else OUTPUT_NAME
+        blob = head.output if len(net.output_blobs) > 1 else net.output_blob
+        outputs.append({**models.head_metadata(head), "name": name, "size": net.output_size(blob)})
+    meta = {"net": entry.name, "task": "+".join(entry.tasks), "outputs": outputs}
+    if len(outputs) == 1:
+        only = outputs[0]
+        meta.update(task=only["task"], labels=only["labels"], output={"name": only["name"], "classes": only["size"]})
+        meta.update({key: only[key] for key in ("age_bin_edges", "age_bin_centres") if key in only})
     return meta
 
 
-def metadata(task: str, net: CaffeNet, precision: str, mean_file, mean_image_size, extra=None) -> dict:
+def metadata(entry: models.Model, net: CaffeNet, precision: str, mean_file, mean_image_size, extra=None) -> dict:
     ov = _ov()
-    paths = ir_paths(".", tasks.TASKS[task]["net"], precision)
+    paths = ir_paths(".", entry.name, precision)
     meta = {
         "format": "agegender-edge-kit IR metadata",
         "version": METADATA_VERSION,
-        **task_metadata(task),
+        **model_metadata(entry, net),
         "precision": precision,
         "input": {"name": INPUT_NAME, "shape": [1, net.size, net.size, 3], "layout": INPUT_LAYOUT,
                   "element_type": "u8", "colour_order": COLOUR_ORDER,
@@ -368,7 +369,6 @@ def metadata(task: str, net: CaffeNet, precision: str, mean_file, mean_image_siz
         # How the training images were framed: the face chip resized to training_size, then the
         # centre input-size crop (Caffe's test-phase transform).
         "training_size": int(mean_image_size),
-        "output": {"name": OUTPUT_NAME, "classes": net.classes},
         "mean": {"source": str(Path(mean_file).resolve()), "sha256": sha256(mean_file),
                  "crop": f"centre {net.size}x{net.size}", "file": paths["mean"].name},
         "caffe": {"deploy": paths["deploy"].name, "deploy_source": str(net.deploy.resolve()),
@@ -382,9 +382,13 @@ def metadata(task: str, net: CaffeNet, precision: str, mean_file, mean_image_siz
 
 
 def set_rt_labels(model, meta: dict) -> None:
-    """Labels in the IR's rt_info too, for tools that read only the XML."""
+    """Heads and labels in the IR's rt_info too, for tools that read only the XML."""
     model.set_rt_info(meta["task"], ["agegender", "task"])
-    model.set_rt_info(" ".join(label.replace(" ", "_") for label in meta["labels"]), ["agegender", "labels"])
+    for output in meta["outputs"]:
+        labels = " ".join(label.replace(" ", "_") for label in output.get("labels", []))
+        model.set_rt_info(f"{output['task']}: {labels}".strip(": "), ["agegender", "outputs", output["name"]])
+    if "labels" in meta:
+        model.set_rt_info(" ".join(label.replace(" ", "_") for label in meta["labels"]), ["agegender", "labels"])
 
 
 def write_ir(model, net: CaffeNet, mean: np.ndarray, folder: Path, meta: dict, check=None) -> dict:
@@ -420,47 +424,47 @@ def max_prob_difference(a: np.ndarray, b: np.ndarray) -> float:
 CHECK_IMAGES = 8  # images in the IR-vs-OpenCV check: enough to see a systematic error
 
 
-def lmdb_path(data_dir, task: str, split: str) -> Path:
-    return Path(data_dir) / "lmdb" / f"{task}_{split}_lmdb"
+def lmdb_path(data_dir, family: str, split: str, suffix: str = "") -> Path:
+    return Path(data_dir) / "lmdb" / f"{family}_{split}{suffix}_lmdb"
 
 
-def check_images(data_dir, task: str, size: int, count: int = CHECK_IMAGES):
+def check_images(data_dir, family: str, size: int, count: int = CHECK_IMAGES):
     """Images for the numerical check: test-LMDB centre crops when the dataset exists, else generated ones."""
-    path = lmdb_path(data_dir, task, "test")
+    path = lmdb_path(data_dir, family, "test")
     if (path / "data.mdb").is_file():
         images, _ = lmdb_images(path, size, count)
         return images, f"{len(images)} images of {path}"
     return generated_images(size, count), f"{count} generated images (no test LMDB at {path})"
 
 
-def compile_precision(net: CaffeNet, task: str, precision: str, mean_file, ir_root, images, images_source) -> dict:
+def compile_precision(net: CaffeNet, entry: models.Model, precision: str, mean_file, ir_root, images,
+                      images_source) -> dict:
     """Build, write and check one FP16 or FP32 IR; returns its metadata (with the measured difference)."""
     mean_image = formats.read_mean(mean_file)
     mean = mean_crop(mean_image, net.size, str(mean_file))
     model = build_model(net, mean, fp16_weights=precision == "FP16")
-    meta = metadata(task, net, precision, mean_file, mean_image.shape[1])
+    meta = metadata(entry, net, precision, mean_file, mean_image.shape[1])
     set_rt_labels(model, meta)
     problem = opencv_reference_problem(net)
-    reference = None if problem else opencv_probabilities(net, mean, images)
-    folder = ir_paths(ir_root, tasks.TASKS[task]["net"], precision)["folder"]
+    reference = None if problem else opencv_outputs(net, mean, images)
+    folder = ir_paths(ir_root, entry.name, precision)["folder"]
 
     def check(paths):
         if problem:
             return {"check": {"skipped": problem}}
         # f32 inference precision for both: on CPUs with bf16 OpenVINO would otherwise round
         # activations, and the check is about the IR, not about the device's arithmetic.
-        probs = ir_probabilities(compile_for_cpu(paths["xml"], "f32"), images)
-        diff = max_prob_difference(probs, reference)
+        diff = output_difference(ir_outputs(compile_for_cpu(paths["xml"], "f32"), images), reference)
         if diff > TOLERANCE[precision]:
             raise KitError(f"{folder}: IR and OpenCV's Caffe importer differ by {diff:.3g} in probability "
                            f"(allowed {TOLERANCE[precision]:g}) on {images_source}")
         # For information: the CPU's own default precision (bf16 where the CPU has it), closer to
         # what reduced-precision devices such as the NCS2 (fp16 arithmetic) do to activations.
-        default = ir_probabilities(compile_for_cpu(paths["xml"], None), images)
+        default = ir_outputs(compile_for_cpu(paths["xml"], None), images)
         return {"check": {"reference": f"OpenCV {_cv2_version()} Caffe importer", "images": images_source,
-                          "max_prob_difference": diff, "tolerance": TOLERANCE[precision],
-                          "inference_precision": "f32",
-                          "max_prob_difference_cpu_default_precision": max_prob_difference(default, reference)}}
+                          "outputs": list(reference), "max_prob_difference": diff,
+                          "tolerance": TOLERANCE[precision], "inference_precision": "f32",
+                          "max_prob_difference_cpu_default_precision": output_difference(default, reference)}}
 
     return write_ir(model, net, mean, folder, meta, check)
 
@@ -474,13 +478,31 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(probs, axis=1) == labels))
 
 
+def lmdb_labels(path, count: int) -> np.ndarray:
+    from caffekit.lmdb_data import LmdbSource
+
+    source = LmdbSource(path)
+    try:
+        return np.array([source.datum(i).label for i in range(count)])
+    finally:
+        source.close()
+
+
+def head_labels(entry: models.Model, data_dir, test_labels: np.ndarray) -> Dict[str, np.ndarray]:
+    """The true class of each test image for every classification head, by IR output name."""
+    if entry.key != "joint":
+        return {OUTPUT_NAME: test_labels}
+    genders = lmdb_labels(lmdb_path(data_dir, entry.data, "test", "_gender"), len(test_labels))
+    return {"age_bins": np.array([tasks.age_to_bin(int(age)) for age in test_labels]), "gender": genders}
+
+
 CALIBRATION_IMAGES = 300
 
 
-def quantize_int8(net: CaffeNet, task: str, mean_file, ir_root, data_dir,
+def quantize_int8(net: CaffeNet, entry: models.Model, mean_file, ir_root, data_dir,
                   calibration_count: int = CALIBRATION_IMAGES, progress=print) -> dict:
-    """INT8 IR by NNCF post-training quantization, calibrated on train images; reports the
-    test accuracy against the FP32 model (both on CPU, FP32 at f32 precision)."""
+    """INT8 IR by NNCF post-training quantization, calibrated on train images; reports each head's test
+    accuracy against the FP32 model (both on CPU, FP32 at f32 precision)."""
     import logging
 
     import nncf
@@ -488,26 +510,31 @@ def quantize_int8(net: CaffeNet, task: str, mean_file, ir_root, data_dir,
     logging.getLogger("nncf").setLevel(logging.ERROR)
     mean_image = formats.read_mean(mean_file)
     mean = mean_crop(mean_image, net.size, str(mean_file))
-    calibration, _ = lmdb_images(lmdb_path(data_dir, task, "train"), net.size, calibration_count, seed=1)
-    test_images, test_labels = lmdb_images(lmdb_path(data_dir, task, "test"), net.size)
+    calibration, _ = lmdb_images(lmdb_path(data_dir, entry.data, "train"), net.size, calibration_count, seed=1)
+    test_images, test_labels = lmdb_images(lmdb_path(data_dir, entry.data, "test"), net.size)
+    truth = head_labels(entry, data_dir, test_labels)
     model = build_model(net, mean)
-    fp32_probs = ir_probabilities(compile_for_cpu(model, "f32"), test_images)
-    progress(f"{tasks.TASKS[task]['net']}: quantizing on {len(calibration)} train images")
+    fp32 = ir_outputs(compile_for_cpu(model, "f32"), test_images)
+    progress(f"{entry.name}: quantizing on {len(calibration)} train images")
     quantized = nncf.quantize(model, nncf.Dataset(calibration, lambda image: image[np.newaxis]),
                               subset_size=len(calibration))
-    meta = metadata(task, net, "INT8", mean_file, mean_image.shape[1])
+    meta = metadata(entry, net, "INT8", mean_file, mean_image.shape[1])
     set_rt_labels(quantized, meta)
-    folder = ir_paths(ir_root, tasks.TASKS[task]["net"], "INT8")["folder"]
+    folder = ir_paths(ir_root, entry.name, "INT8")["folder"]
 
     def check(paths):
-        int8_probs = ir_probabilities(compile_for_cpu(paths["xml"], None), test_images)
-        fp32_acc, int8_acc = accuracy(fp32_probs, test_labels), accuracy(int8_probs, test_labels)
+        int8 = ir_outputs(compile_for_cpu(paths["xml"], None), test_images)
+        heads = {}
+        for name, labels in truth.items():
+            fp32_acc, int8_acc = accuracy(fp32[name], labels), accuracy(int8[name], labels)
+            heads[name] = {"fp32_accuracy": fp32_acc, "int8_accuracy": int8_acc,
+                           "accuracy_loss_points": 100 * (fp32_acc - int8_acc),
+                           "agreement_with_fp32": float(np.mean(fp32[name].argmax(1) == int8[name].argmax(1)))}
+        first = heads[next(iter(heads))]
         return {"int8": {"method": f"NNCF {nncf.__version__} post-training quantization",
                          "calibration_images": len(calibration),
-                         "calibration_source": str(lmdb_path(data_dir, task, "train")),
-                         "test_images": len(test_images), "fp32_accuracy": fp32_acc, "int8_accuracy": int8_acc,
-                         "accuracy_loss_points": 100 * (fp32_acc - int8_acc),
-                         "agreement_with_fp32": float(np.mean(fp32_probs.argmax(1) == int8_probs.argmax(1))),
-                         "max_prob_difference": max_prob_difference(fp32_probs, int8_probs)}}
+                         "calibration_source": str(lmdb_path(data_dir, entry.data, "train")),
+                         "test_images": len(test_images), **first, "heads": heads,
+                         "max_prob_difference": output_difference(fp32, int8)}}
 
     return write_ir(quantized, net, mean, folder, meta, check)

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable as `python scripts/compile_ir.py` without installing
 
-from caffekit import openvino_ir, tasks, training  # noqa: E402
+from caffekit import models, openvino_ir, training  # noqa: E402
 from caffekit.errors import KitError, cli  # noqa: E402
 
 
@@ -31,23 +31,29 @@ def newest_snapshot(models_dir: Path, net_name: str) -> Path:
     return found
 
 
-def compile_net(task: str, args) -> None:
-    net_name = tasks.TASKS[task]["net"]
+def compile_net(key: str, args) -> None:
+    entry = models.model(key)
+    net_name = entry.name
     weights = args.weights or newest_snapshot(args.models_dir, net_name)
     deploy = args.deploy_dir / net_name / "deploy.prototxt"
     net = openvino_ir.CaffeNet(deploy, weights)
-    if net.classes != len(tasks.labels(task)):
-        raise KitError(f"{weights}: the net has {net.classes} outputs, task {task!r} has "
-                       f"{len(tasks.labels(task))} classes")
-    mean_file = args.data_dir / "mean.binaryproto"
+    expected = [head.output for head in entry.heads] if len(entry.heads) > 1 else [net.output_blob]
+    if net.output_blobs != expected:
+        raise KitError(f"{deploy}: outputs {net.output_blobs}, the {net_name} registry lists {expected}")
+    for head in entry.heads:
+        blob = head.output if len(entry.heads) > 1 else net.output_blob
+        if head.labels is not None and net.output_size(blob) != len(head.labels):
+            raise KitError(f"{weights}: output {blob} has {net.output_size(blob)} values, the {head.task} head "
+                           f"has {len(head.labels)} classes")
+    mean_file = args.data_dir / entry.mean_file
     ir_root = args.models_dir / "ir"
     print(f"{net_name}: {weights}")
     float_precisions = [p for p in args.precision if p != "INT8"]
     if float_precisions:
-        images, source = openvino_ir.check_images(args.data_dir, task, net.size)
+        images, source = openvino_ir.check_images(args.data_dir, entry.data, net.size)
         for precision in float_precisions:
             start = time.perf_counter()
-            meta = openvino_ir.compile_precision(net, task, precision, mean_file, ir_root, images, source)
+            meta = openvino_ir.compile_precision(net, entry, precision, mean_file, ir_root, images, source)
             check = meta["check"]
             if "skipped" in check:
                 print(f"  {precision}: {openvino_ir.ir_paths(ir_root, net_name, precision)['xml']}  "
@@ -59,7 +65,7 @@ def compile_net(task: str, args) -> None:
                   f"{check['max_prob_difference_cpu_default_precision']:.2g}) [{time.perf_counter() - start:.1f} s]")
     if "INT8" in args.precision:
         start = time.perf_counter()
-        meta = openvino_ir.quantize_int8(net, task, mean_file, ir_root, args.data_dir,
+        meta = openvino_ir.quantize_int8(net, entry, mean_file, ir_root, args.data_dir,
                                          progress=lambda line: print("  " + line))
         q = meta["int8"]
         print(f"  INT8: {openvino_ir.ir_paths(ir_root, net_name, 'INT8')['xml']}  test accuracy "
@@ -74,19 +80,26 @@ def compile_net(task: str, args) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--net", choices=("age", "gender", "all"), default="all")
+    parser.add_argument("--net", choices=tuple(models.MODELS) + ("all",), default="all",
+                        help="all: the pair, and the joint net when it is trained")
     parser.add_argument("--data-dir", type=Path, default=REPO / "data", help="holds mean.binaryproto and lmdb/")
     parser.add_argument("--models-dir", type=Path, default=REPO / "models",
                         help="snapshots in <net>/, IRs written to ir/")
-    parser.add_argument("--weights", type=Path, help="a caffemodel (only with --net age or gender)")
+    parser.add_argument("--weights", type=Path, help="a caffemodel (only with one --net)")
     parser.add_argument("--deploy-dir", type=Path, default=REPO / "caffe_models",
                         help="folder with <net>/deploy.prototxt (default: caffe_models)")
     parser.add_argument("--precision", nargs="+", choices=openvino_ir.PRECISIONS, default=["FP16", "FP32"])
     args = parser.parse_args(argv)
     if args.weights and args.net == "all":
-        raise KitError("--weights names one caffemodel: use it with --net age or --net gender")
-    for task in (("age", "gender") if args.net == "all" else (args.net,)):
-        compile_net(task, args)
+        raise KitError("--weights names one caffemodel: use it with one --net")
+    if args.net == "all":
+        keys = list(models.PAIR) + [key for key in models.MODELS if key not in models.PAIR
+                                    and training.newest_snapshot(args.models_dir / models.model(key).name)
+                                    if (args.models_dir / models.model(key).name).is_dir()]
+    else:
+        keys = [args.net]
+    for key in keys:
+        compile_net(key, args)
 
 
 if __name__ == "__main__":
