@@ -4,6 +4,7 @@
     probs = engine.infer(face)                  # face: u8 BGR H x W x 3, the net's input size
     engine.set_callback(fn)                     # fn(userdata, probs), called as results arrive
     engine.infer_async(face, userdata); engine.wait_all()
+    engine.close()                              # waits for what is in flight, drops it (stopping early)
 
 The OpenVINO IR carries its own preprocessing (u8 -> f32, NHWC -> NCHW, minus the training
 mean), so its engine passes pixels through untouched. OpenCV's Caffe importer has nothing
@@ -69,6 +70,9 @@ class Engine(object):
     def wait_all(self):
         pass
 
+    def close(self):
+        """Waits for the requests in flight, if any, dropping their results and errors."""
+
 
 class OpenVINOEngine(Engine):
     def __init__(self, files, device, mode, openvino=None):
@@ -123,6 +127,15 @@ class OpenVINOEngine(Engine):
         if self._queue is not None:
             self._queue.wait_all()
         self._raise_callback_errors()
+
+    def close(self):
+        # Python must not shut down while OpenVINO's threads may still call _on_done: the process
+        # would abort ("FATAL: exception not rethrown") instead of exiting with its code. The queue
+        # itself is kept: deleting it here sometimes aborts too ("terminate called without an
+        # active exception", OpenVINO 2026.4).
+        if self._queue is not None:
+            self._queue.wait_all()
+        del self._errors[:]
 
     def _raise_callback_errors(self):
         if self._errors:

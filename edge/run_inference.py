@@ -11,20 +11,27 @@ Models: <models>/age_net/<PRECISION>/age_net.xml and gender_net likewise, with t
 scripts/compile_ir.py writes beside them (labels, input format). Without OpenVINO installed
 the runner uses OpenCV DNN on the caffemodels named in that JSON (CPU only).
 
+--output: a file name ending in an image suffix (.jpg .jpeg .png .bmp .webp .tif .tiff) or, for
+a video or camera, a video suffix (.mp4 .avi .mkv .mov); a path without suffix, ending in /, or an
+existing folder is a folder (one PNG per image, <video>.mp4 per stream). Other suffixes are an
+error. Files are written under a temporary name beside the target, renamed when complete.
+
 Exit codes:
   0    done; at least one face in every image (or somewhere in the video)
-  2    error, one line on stderr: bad option, missing or mismatched model files, unreadable
-       image or video, requested device absent (the message lists those present); an
-       unreadable image among several is reported and the others are still processed
+  2    error, one line "error: <file>: <problem>" on stderr: bad option, missing or mismatched
+       model files, unreadable image or video, output that cannot be written, requested device
+       absent (the message lists those present). With several images, one that cannot be read
+       or whose annotated copy cannot be written is reported on its own line, the others are
+       still processed, and the exit code is 2 at the end
   3    no face found in at least one image (the others are still reported), or in no frame
        of a video or camera stream
-  130  interrupted (Ctrl-C)
+  130  interrupted (Ctrl-C): the requests in flight are finished, nothing more is reported
 """
 import argparse
 import collections
 import functools
 import json
-import os
+import signal
 import sys
 import threading
 import time
@@ -34,23 +41,45 @@ import numpy as np
 
 from engines import BACKENDS, DEVICES, make_engine
 from face_detection import FaceDetector, chip_box, net_input
+from media import OutputTarget, VideoOutput, frame_rate, image_files, open_capture, read_image, write_image
 from model_files import PRECISIONS, EdgeError, all_model_files
 
 EXIT_OK, EXIT_ERROR, EXIT_NO_FACE, EXIT_INTERRUPTED = 0, 2, 3, 130
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-VIDEO_EXTENSIONS = {".mp4": "mp4v", ".avi": "MJPG", ".mkv": "mp4v", ".mov": "mp4v"}
 
 Face = collections.namedtuple("Face", "box age age_prob gender gender_prob")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Option errors as one line, like every other error (argparse's own adds the usage)."""
+
+    def error(self, message):
+        if message.startswith("argument "):
+            message = message[len("argument "):]
+        self.exit(EXIT_ERROR, "error: {} (see --help)\n".format(message))
+
+
+def at_least(minimum, what):
+    """An argparse type: a whole number >= ``minimum`` (a negative camera number crashes OpenCV)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("{} must be a whole number, not {!r}".format(what, text))
+        if value < minimum:
+            raise argparse.ArgumentTypeError("{} must be {} or more, not {}".format(what, minimum, value))
+        return value
+    return parse
+
+
 def build_argparser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = OneLineParser(description=__doc__.splitlines()[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     source = parser.add_argument_group("input (one kind)")
     source.add_argument("--image", nargs="+", metavar="FILE", help="one or more image files")
     source.add_argument("--dir", help="every image in a folder")
     source.add_argument("--video", metavar="FILE", help="a video file")
-    source.add_argument("--camera", type=int, metavar="N", help="camera number (0 = the first)")
+    source.add_argument("--camera", type=at_least(0, "the camera number"), metavar="N",
+                        help="camera number (0 = the first)")
     model = parser.add_argument_group("model")
     model.add_argument("--models", default="models/ir", help="folder of compiled IRs (default: models/ir, "
                        "relative to the working folder or to the folder above edge/)")
@@ -64,32 +93,38 @@ def build_argparser():
     behaviour.add_argument("--no-detect", action="store_true",
                            help="each input is already a face crop (like UTKFace files)")
     behaviour.add_argument("--json", action="store_true", help="one JSON object per input on stdout")
-    behaviour.add_argument("--output", metavar="PATH",
-                           help="annotated copy: an image or video file, or a folder")
+    behaviour.add_argument("--output", metavar="PATH", help="annotated copy: an image or video file, "
+                           "or a folder (no suffix, or ending in /)")
     behaviour.add_argument("--show", action="store_true", help="show annotated frames in a window")
-    behaviour.add_argument("--max-frames", type=int, metavar="N", help="stop a video or camera after N frames")
+    behaviour.add_argument("--max-frames", type=at_least(1, "the number of frames"), metavar="N",
+                           help="stop a video or camera after N frames")
     return parser
 
 
-# ---------------------------------------------------------------- inputs
-def image_files(args):
-    if args.image:
-        return list(args.image)
-    if not os.path.isdir(args.dir):
-        raise EdgeError("{}: folder not found".format(args.dir))
-    names = sorted(n for n in os.listdir(args.dir) if n.lower().endswith(IMAGE_EXTENSIONS))
-    if not names:
-        raise EdgeError("{}: no images ({})".format(args.dir, " ".join(IMAGE_EXTENSIONS)))
-    return [os.path.join(args.dir, n) for n in names]
+# ---------------------------------------------------------------- Ctrl-C
+class CtrlC(object):
+    """Ctrl-C as a flag the loops check between inputs. A KeyboardInterrupt raised anywhere, with
+    requests in flight, makes Python shut down while OpenVINO's threads still call back into it,
+    and the process aborts ("FATAL: exception not rethrown", exit 134) instead of exiting with 130.
+    Installed until the requests are finished, so a second Ctrl-C does not cut that short."""
 
+    def __init__(self):
+        self.pressed = False
+        self._previous = None
 
-def open_stream(args):
-    capture = cv2.VideoCapture(args.video if args.video is not None else args.camera)
-    if not capture.isOpened():
-        what = args.video if args.video is not None else "camera {}".format(args.camera)
-        raise EdgeError("{}: cannot open{}".format(what, "" if args.video is None or os.path.isfile(args.video)
-                                                   else " (file not found)"))
-    return capture
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.pressed = True
+
+    def check(self):
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc_info):
+        signal.signal(signal.SIGINT, self._previous)
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -153,6 +188,11 @@ class Pipeline(object):
             engine.wait_all()
         return self.finished()
 
+    def close(self):
+        """Waits for the requests still in flight and drops their results (stopping early)."""
+        for engine in self.engines.values():
+            engine.close()
+
 
 def prepare(index, name, frame, detector, size):
     """A Job: the faces of ``frame`` (or the whole frame with --no-detect) as net inputs."""
@@ -205,22 +245,6 @@ def annotate(frame, faces, fps=None):
     return out
 
 
-def write_image(path, image):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        os.makedirs(folder)
-    if not cv2.imwrite(path, image):
-        raise EdgeError("{}: cannot write image".format(path))
-
-
-def image_output_path(output, name, several):
-    if output.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(output):
-        if several:
-            raise EdgeError("--output {}: several inputs need a folder, not a file name".format(output))
-        return output
-    return os.path.join(output, os.path.splitext(os.path.basename(name))[0] + ".png")
-
-
 def show(window, image):
     try:
         cv2.imshow(window, image)
@@ -230,15 +254,25 @@ def show(window, image):
                         "or use --output instead")
 
 
-class Reporter(object):
-    """Prints each finished job (text or JSON) and writes its annotated copy."""
+def print_error(exc):
+    print("error: {}".format(exc), file=sys.stderr, flush=True)
 
-    def __init__(self, args, labels, several):
-        self.args, self.labels, self.several = args, labels, several
+
+class Reporter(object):
+    """Prints each finished job (text or JSON) and writes its annotated copy to ``target``."""
+
+    def __init__(self, args, labels, target):
+        self.args, self.labels, self.target = args, labels, target
         self.without_face = 0
         self.with_face = 0
+        self.failed = 0  # images whose annotated copy could not be written
         self.writer = None
+        self.video_fps = None  # the input's frame rate, for the annotated video
         self.stop = False
+
+    def report_all(self, jobs, fps_since=None):
+        for job in jobs:
+            self.report(job, None if fps_since is None else (job.index + 1) / (time.perf_counter() - fps_since))
 
     def report(self, job, fps=None):
         faces = job.faces(self.labels)
@@ -250,38 +284,28 @@ class Reporter(object):
         print(as_json(job, faces, ms) if self.args.json else describe(job, faces), flush=True)
         if self.args.output or self.args.show:
             image = annotate(job.frame, faces, fps)
-            if self.args.output:
+            if self.target is not None:
                 self.save(job, image)
             if self.args.show and show("age and gender", image):
                 self.stop = True
 
     def save(self, job, image):
         if self.args.video is None and self.args.camera is None:
-            write_image(image_output_path(self.args.output, job.name, self.several), image)
+            try:
+                write_image(self.target.path_for(job.name, ".png"), image)
+            except EdgeError as exc:  # this image's copy only: the others still go on (exit 2 at the end)
+                print_error(exc)
+                self.failed += 1
             return
         if self.writer is None:
-            self.writer = open_video_writer(self.args, image.shape)
+            stream = self.args.video if self.args.video is not None else "camera{}".format(self.args.camera)
+            self.writer = VideoOutput(self.target.path_for(stream, ".mp4"), self.video_fps, image.shape)
         self.writer.write(image)
 
     def close(self):
         if self.writer is not None:
-            self.writer.release()
-
-
-def open_video_writer(args, shape):
-    output = args.output
-    extension = os.path.splitext(output)[1].lower()
-    if extension not in VIDEO_EXTENSIONS:
-        stem = os.path.splitext(os.path.basename(args.video))[0] if args.video else "camera{}".format(args.camera)
-        output, extension = os.path.join(output, stem + ".mp4"), ".mp4"
-    folder = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(folder):
-        os.makedirs(folder)
-    writer = cv2.VideoWriter(output, cv2.VideoWriter_fourcc(*VIDEO_EXTENSIONS[extension]), 25.0,
-                             (shape[1], shape[0]))
-    if not writer.isOpened():
-        raise EdgeError("{}: cannot write video ({} codec)".format(output, VIDEO_EXTENSIONS[extension]))
-    return writer
+            writer, self.writer = self.writer, None
+            writer.close()
 
 
 # ---------------------------------------------------------------- main
@@ -301,48 +325,45 @@ def load_engines(args, mode):
     return engines
 
 
-def run_images(args, pipeline, reporter, detector, size):
-    paths = image_files(args)
+def run_images(args, pipeline, reporter, detector, size, ctrl_c):
+    paths = list(args.image) if args.image else image_files(args.dir)
     unreadable = 0
     for index, path in enumerate(paths):
-        # Checked first: OpenCV's imread would add its own warning line for a missing file.
-        exists = os.path.isfile(path)
-        frame = cv2.imread(path, cv2.IMREAD_COLOR) if exists else None
-        if frame is None:
-            print("error: {}: cannot read image{}".format(path, "" if exists else " (file not found)"),
-                  file=sys.stderr)
+        ctrl_c.check()
+        try:
+            frame = read_image(path, in_folder=args.dir is not None)
+        except EdgeError as exc:  # this input only: the others still go on (exit 2 at the end)
+            print_error(exc)
             unreadable += 1
             continue
         pipeline.submit(prepare(index, path, frame, detector, size))
-        for job in pipeline.finished():
-            reporter.report(job)
-    for job in pipeline.drain():
-        reporter.report(job)
-    if unreadable:
+        reporter.report_all(pipeline.finished())
+    reporter.report_all(pipeline.drain())
+    if unreadable or reporter.failed:
         return EXIT_ERROR
     return EXIT_NO_FACE if reporter.without_face else EXIT_OK
 
 
-def run_stream(args, pipeline, reporter, detector, size, engines):
-    capture = open_stream(args)
+def run_stream(args, pipeline, reporter, detector, size, engines, ctrl_c):
+    capture = open_capture(args.video, args.camera)
     name = args.video if args.video is not None else "camera{}".format(args.camera)
+    reporter.video_fps = frame_rate(capture)
     start, cpu_start = time.perf_counter(), time.process_time()  # process time: all threads, this process
     frames, last_print = 0, start
     try:
         while not reporter.stop and (args.max_frames is None or frames < args.max_frames):
+            ctrl_c.check()
             ok, frame = capture.read()
             if not ok:
                 break
             pipeline.submit(prepare(frames, "{}#{}".format(name, frames), frame, detector, size))
             frames += 1
-            for job in pipeline.finished():
-                reporter.report(job, fps=(job.index + 1) / (time.perf_counter() - start))
+            reporter.report_all(pipeline.finished(), fps_since=start)
             now = time.perf_counter()
             if now - last_print > 2.0:
                 print("{} frames, {:.1f} FPS".format(frames, frames / (now - start)), file=sys.stderr)
                 last_print = now
-        for job in pipeline.drain():
-            reporter.report(job, fps=(job.index + 1) / (time.perf_counter() - start))
+        reporter.report_all(pipeline.drain(), fps_since=start)
     finally:
         capture.release()
     if frames == 0:
@@ -363,6 +384,7 @@ def main(argv=None):
         raise EdgeError("give exactly one input: --image, --dir, --video or --camera")
     stream = args.video is not None or args.camera is not None
     several = stream or args.dir is not None or len(args.image or ()) > 1
+    target = OutputTarget(args.output, stream, several) if args.output is not None else None
     engines = load_engines(args, "throughput" if several else "latency")
     labels = {task: engine.labels for task, engine in engines.items()}
     size = next(iter(engines.values())).size
@@ -370,21 +392,25 @@ def main(argv=None):
         detector = None if args.no_detect else FaceDetector()
     except RuntimeError as exc:
         raise EdgeError("{} (or use --no-detect with face crops)".format(exc))
+    if target is not None:
+        target.prepare()
     pipeline = Pipeline(engines)
-    reporter = Reporter(args, labels, several)
-    try:
-        if stream:
-            return run_stream(args, pipeline, reporter, detector, size, engines)
-        return run_images(args, pipeline, reporter, detector, size)
-    finally:
-        reporter.close()
+    reporter = Reporter(args, labels, target)
+    with CtrlC() as ctrl_c:
+        try:
+            if stream:
+                return run_stream(args, pipeline, reporter, detector, size, engines, ctrl_c)
+            return run_images(args, pipeline, reporter, detector, size, ctrl_c)
+        finally:
+            pipeline.close()  # before Python unwinds further: OpenVINO may still call back
+            reporter.close()
 
 
 def entry_point(argv=None):
     try:
         code = main(argv)
     except EdgeError as exc:
-        print("error: {}".format(exc), file=sys.stderr)
+        print_error(exc)
         code = EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
