@@ -71,13 +71,15 @@ class OpenCvClassifier:
 @dataclass
 class Predictions:
     labels: np.ndarray          # true class per test record
-    centre: np.ndarray          # N x classes, centre-crop probabilities
-    ten_crop: np.ndarray        # N x classes, 10-crop mean probabilities
+    centre: np.ndarray          # N x classes, centre-crop probabilities (or {output: N x size})
+    ten_crop: np.ndarray        # N x classes, 10-crop mean probabilities (or {output: N x size})
     keys: List[str]
 
 
 def predict(classifier: OpenCvClassifier, lmdb_path, mean_path, batch_size: int = 16,
-            progress: bool = True) -> Predictions:
+            progress: bool = True, outputs: Optional[Sequence[str]] = None) -> Predictions:
+    """Centre-crop and 10-crop outputs of every test record: the net's one output, or with ``outputs``
+    a dict {blob: N x size} of those blobs (a joint net's heads), all from the same forward passes."""
     source = LmdbSource(lmdb_path)
     mean = formats.read_mean(mean_path)
     if tuple(mean.shape) != tuple(source.shape):
@@ -90,7 +92,8 @@ def predict(classifier: OpenCvClassifier, lmdb_path, mean_path, batch_size: int 
     offsets = crop_offsets(height, width, crop)
     count = len(source)
     labels = np.empty(count, np.int64)
-    centre, ten = [], []
+    centre, ten = {}, {}
+    names = list(outputs) if outputs else [None]
     iterator = range(0, count, batch_size)
     if progress:
         from tqdm import tqdm
@@ -104,12 +107,18 @@ def predict(classifier: OpenCvClassifier, lmdb_path, mean_path, batch_size: int 
             labels[i] = label
         # One forward of len(images) * 10 crops; crop 4 (index) is the plain centre crop.
         batch = np.stack([preprocess(image, mean, crop, h, w, m) for image in images for h, w, m in offsets])
-        probs = classifier.probabilities(batch).reshape(len(images), len(offsets), -1)
-        centre.append(probs[:, 4])
-        ten.append(probs.mean(axis=1))
+        values = classifier.outputs(batch, names) if outputs else {None: classifier.probabilities(batch)}
+        for name, value in values.items():
+            value = value.reshape(len(images), len(offsets), -1)
+            centre.setdefault(name, []).append(value[:, 4])
+            ten.setdefault(name, []).append(value.mean(axis=1))
     keys = [k.decode(errors="replace") for k in source.keys]
     source.close()
-    return Predictions(labels, np.concatenate(centre), np.concatenate(ten), keys)
+    centre = {name: np.concatenate(parts) for name, parts in centre.items()}
+    ten = {name: np.concatenate(parts) for name, parts in ten.items()}
+    if not outputs:
+        return Predictions(labels, centre[None], ten[None], keys)
+    return Predictions(labels, centre, ten, keys)
 
 
 # ---------------------------------------------------------------- metrics
@@ -200,6 +209,35 @@ def plot_confusion(matrix, class_names: Sequence[str], path: Path, title: str) -
     with atomic.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def joint_metrics(outputs: Dict[str, np.ndarray], true_ages: np.ndarray, genders: np.ndarray) -> Dict:
+    """The joint net's figures: age bins (exact, 1-off, per bin) from ``age_bins``, the MAE of ``age_years``
+    in years, gender overall and within each decade of true age."""
+    bins = np.array([tasks.age_to_bin(int(age)) for age in true_ages])
+    age = metrics(bins, outputs["age_bins"], tasks.AGE_LABELS, None, tasks.AGE_BIN_CENTRES)
+    years = outputs["age_years"].reshape(-1)
+    age["mae_years"] = float(np.abs(years - true_ages).mean())
+    age["mae_count"] = int(len(true_ages))
+    age["mae_of"] = "age_years (the expected age over one class a year)"
+    gender = metrics(genders, outputs["gender"], tasks.GENDER_LABELS)
+    gender["accuracy_by_age"] = accuracy_by_age(genders, outputs["gender"], true_ages)
+    return {"age": age, "gender": gender}
+
+
+def read_test_csv(csv_path: Path, keys: Sequence[str], column: str) -> np.ndarray:
+    """One numeric column of <net>_test.csv in LMDB order."""
+    values = {}
+    try:
+        with csv_path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                values[row["key"]] = float(row[column])
+    except (OSError, KeyError, ValueError) as exc:
+        raise KitError(f"{csv_path}: cannot read column {column!r} ({exc.__class__.__name__}: {exc})") from None
+    missing = [key for key in keys if key not in values]
+    if missing:
+        raise KitError(f"{csv_path}: no row for LMDB record {missing[0]!r}")
+    return np.array([values[key] for key in keys])
 
 
 def read_true_ages(csv_path: Path, keys: Sequence[str]) -> Optional[np.ndarray]:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Evaluate AgeNet or GenderNet on the test LMDB through OpenCV's Caffe importer.
+"""Evaluate AgeNet, GenderNet or the joint net on the test LMDB through OpenCV's Caffe importer.
 
     python scripts/evaluate.py --net age --data-dir data --models-dir models
     python scripts/evaluate.py --net gender --weights models/gender_net/gender_net_iter_6000.caffemodel
+    python scripts/evaluate.py --net joint      # both tasks from one net, beside the pair's figures
 
 Single centre crop and the 10-crop average; accuracy, per-class recall, the confusion matrix
 (printed and PNG), for age also 1-off accuracy and the MAE of the expected age, for gender the
@@ -14,9 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffekit import evaluation, tasks, training  # noqa: E402
+from caffekit import evaluation, models, tasks, training  # noqa: E402
 from caffekit.errors import KitError, cli  # noqa: E402
 
 
@@ -47,6 +50,8 @@ def main(argv=None) -> int:
     deploy = Path(args.deploy) if args.deploy else model_dir / "deploy.prototxt"
     if not args.deploy and not deploy.is_file():
         deploy = training.REPO / "caffe_models" / net / "deploy.prototxt"
+    if task == "joint":
+        return evaluate_joint(args, net, weights, deploy, model_dir, data_dir)
     class_names = tasks.labels(task)
     classifier = evaluation.OpenCvClassifier(deploy, weights)
     lmdb_path = data_dir / "lmdb" / f"{task}_test_lmdb"
@@ -88,6 +93,66 @@ def main(argv=None) -> int:
     evaluation.write_report(out_dir / "report.json", report)
     print(f"report: {out_dir / 'report.json'}")
     return 0
+
+
+def evaluate_joint(args, net: str, weights: Path, deploy: Path, model_dir: Path, data_dir: Path) -> int:
+    entry = models.model("joint")
+    classifier = evaluation.OpenCvClassifier(deploy, weights)
+    lmdb_path = data_dir / "lmdb" / f"{entry.data}_test_lmdb"
+    started = time.time()
+    outputs = [head.output for head in entry.heads]
+    predictions = evaluation.predict(classifier, lmdb_path, data_dir / entry.mean_file, args.batch,
+                                     progress=not args.no_progress, outputs=outputs)
+    csv_path = data_dir / f"{entry.data}_test.csv"
+    true_ages = evaluation.read_test_csv(csv_path, predictions.keys, "age")
+    genders = evaluation.read_test_csv(csv_path, predictions.keys, "gender").astype(np.int64)
+    out_dir = Path(args.out) if args.out else model_dir / "eval"
+    report = {"net": net, "weights": str(weights), "deploy": str(deploy), "test_lmdb": str(lmdb_path),
+              "protocols": {}, "pair_on_the_same_faces": pair_reports(Path(args.models_dir), len(true_ages))}
+    for protocol in ("centre", "10crop"):
+        probs = predictions.centre if protocol == "centre" else predictions.ten_crop
+        result = evaluation.joint_metrics(probs, true_ages, genders)
+        report["protocols"][protocol] = result
+        age, gender = result["age"], result["gender"]
+        print(f"{net} {protocol:>6}: age {age['accuracy']:.4f} ({age['correct']}/{age['count']}), 1-off "
+              f"{age['one_off_accuracy']:.4f}, MAE {age['mae_years']:.2f} years; gender {gender['accuracy']:.4f} "
+              f"({gender['correct']}/{gender['count']})")
+        pair = report["pair_on_the_same_faces"].get(protocol)
+        if pair:
+            print(f"{'pair':>9} {protocol:>6}: age {pair['age_accuracy']:.4f}, 1-off {pair['age_one_off_accuracy']:.4f}, "
+                  f"MAE {pair['age_mae_years']:.2f} years (bin centres); gender {pair['gender_accuracy']:.4f}")
+        print("gender accuracy by true age: " + ", ".join(
+            f"{k} {v['accuracy']:.3f} ({v['correct']}/{v['count']})" for k, v in gender["accuracy_by_age"].items()))
+        for task, names in (("age", tasks.AGE_LABELS), ("gender", tasks.GENDER_LABELS)):
+            evaluation.plot_confusion(result[task]["confusion_matrix"], names,
+                                      out_dir / f"confusion_{task}_{protocol}.png",
+                                      f"{net} {task} ({protocol}): accuracy {result[task]['accuracy']:.3f}")
+    report["seconds"] = round(time.time() - started, 2)
+    evaluation.write_report(out_dir / "report.json", report)
+    print(f"report: {out_dir / 'report.json'}")
+    return 0
+
+
+def pair_reports(models_dir: Path, faces: int) -> dict:
+    """The Levi & Hassner pair's figures from their own reports, when both exist and scored as many faces
+    (the dataset gives every net the same test faces)."""
+    import json
+
+    reports = {}
+    for key in models.PAIR:
+        path = models_dir / models.model(key).name / "eval" / "report.json"
+        try:
+            reports[key] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+    out = {}
+    for protocol in ("centre", "10crop"):
+        age, gender = (reports[key]["protocols"].get(protocol, {}) for key in models.PAIR)
+        if age.get("count") != faces or gender.get("count") != faces:
+            return {}
+        out[protocol] = {"age_accuracy": age["accuracy"], "age_one_off_accuracy": age.get("one_off_accuracy"),
+                         "age_mae_years": age.get("mae_years"), "gender_accuracy": gender["accuracy"]}
+    return out
 
 
 if __name__ == "__main__":
