@@ -41,6 +41,17 @@ def face_chips(utkface_dir, count, seed=1):
     return [cv2.imread(str(f)) for f in files[:count]], files[:count]
 
 
+def write_clip(path, chips, frames, fps):
+    """An MJPG clip of ``frames`` frames at ``fps``: the chips' face moving right across a background."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (640, 480))
+    for i in range(frames):
+        canvas = cf.background(seed=0)
+        cf.paste_faces(canvas, chips, [(40 + 20 * i, 120)], FACE_SIDE)
+        writer.write(canvas)
+    writer.release()
+    return path
+
+
 @pytest.fixture(scope="module")
 def scene(utkface_dir, tmp_path_factory):
     """Three UTKFace faces pasted onto a 640x480 background at known places."""
@@ -129,13 +140,7 @@ def test_folder_keeps_requests_in_flight_and_writes_annotations(models, utkface_
 
 def test_video_with_faces_reports_fps_and_writes_video(models, utkface_dir, tmp_path):
     chips, _ = face_chips(utkface_dir, 1, seed=1)
-    video = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25, (640, 480))
-    for i in range(12):
-        canvas = cf.background(seed=0)
-        cf.paste_faces(canvas, chips, [(40 + 20 * i, 120)], FACE_SIDE)
-        writer.write(canvas)
-    writer.release()
+    video = write_clip(tmp_path / "clip.avi", chips, 12, 25)
     result = run("--models", models, "--device", "CPU", "--video", video, "--json", "--output", tmp_path / "out.mp4")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
@@ -249,16 +254,6 @@ def test_needs_exactly_one_input_kind(models):
 def one_error_line(result):
     """The runner's stderr is exactly one line starting with "error: " (no traceback, no library warning)."""
     return result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-
-
-def write_clip(path, chips, frames, fps):
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (640, 480))
-    for i in range(frames):
-        canvas = cf.background(seed=0)
-        cf.paste_faces(canvas, chips, [(40 + 20 * i, 120)], FACE_SIDE)
-        writer.write(canvas)
-    writer.release()
-    return path
 
 
 @pytest.fixture
