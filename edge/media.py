@@ -50,8 +50,9 @@ def quiet_opencv():
 
 
 # ---------------------------------------------------------------- inputs
-def path_problem(path, folder_hint):
-    """Why ``path`` is not a readable regular file, or None. ``folder_hint`` ends the message for a folder."""
+def path_problem(path, what, folder_hint):
+    """Why ``path`` is not a readable regular file, or None; ``what`` it should be ("an image"), and
+    ``folder_hint`` what to do instead, for a folder."""
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -63,7 +64,7 @@ def path_problem(path, folder_hint):
             return "file not found"
         return "cannot read ({})".format(exc.strerror)
     if stat.S_ISDIR(mode):
-        return "a folder, not {} ({})".format("a video" if "video" in folder_hint else "an image", folder_hint)
+        return "a folder, not {} ({})".format(what, folder_hint)
     if not stat.S_ISREG(mode):
         return "not a regular file (a device, socket or pipe)"
     if not os.access(path, os.R_OK):
@@ -73,7 +74,7 @@ def path_problem(path, folder_hint):
 
 def read_image(path, in_folder):
     """The image at ``path`` (u8 BGR), or EdgeError saying why not."""
-    problem = path_problem(path, "subfolders are not searched" if in_folder else
+    problem = path_problem(path, "an image", "subfolders are not searched" if in_folder else
                            "use --dir for the images in a folder")
     if problem is None:
         with quiet_opencv():
@@ -99,16 +100,16 @@ def image_files(folder):
 def open_capture(video, camera):
     """An opened cv2.VideoCapture of the video file or the camera, or EdgeError."""
     if video is not None:
-        problem = path_problem(video, "a video is one file")
+        problem = path_problem(video, "a video", "a video is one file")
         if problem is not None:
             raise EdgeError("{}: {}".format(video, problem))
     with quiet_opencv():
         capture = cv2.VideoCapture(video if video is not None else camera)
-    if not capture.isOpened():
-        raise EdgeError("{}: cannot open{}".format(
-            video, " (not a video, or a format this OpenCV cannot read)") if video is not None else
-            "camera {}: cannot open (no such camera, or it is in use)".format(camera))
-    return capture
+    if capture.isOpened():
+        return capture
+    if video is not None:
+        raise EdgeError("{}: cannot open (not a video, or a format this OpenCV cannot read)".format(video))
+    raise EdgeError("camera {}: cannot open (no such camera, or it is in use)".format(camera))
 
 
 def frame_rate(capture):
@@ -205,8 +206,7 @@ def write_image(path, image):
     except OSError as exc:
         raise EdgeError("{}: cannot write image ({})".format(path, exc.strerror or exc))
     finally:
-        if os.path.lexists(temporary):
-            _remove_quietly(temporary)
+        _remove_quietly(temporary)  # left only when the write or the rename failed
 
 
 class VideoOutput(object):
