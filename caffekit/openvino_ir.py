@@ -250,6 +250,11 @@ def opencv_outputs(net: CaffeNet, mean: np.ndarray, images_hwc: Sequence[np.ndar
     return dict(zip(net.output_names, (outputs[blob] for blob in net.output_blobs)))
 
 
+def opencv_probabilities(net: CaffeNet, mean: np.ndarray, images_hwc: Sequence[np.ndarray]) -> np.ndarray:
+    """The first output through OpenCV's Caffe importer (the only one of a one-task net)."""
+    return next(iter(opencv_outputs(net, mean, images_hwc).values()))
+
+
 def output_difference(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> float:
     """The largest difference over all outputs; a value head in years counts in units of 100 years, so every
     output is compared on a 0-1 scale."""

@@ -84,7 +84,7 @@ def make_models_dir(root, tasks=("age", "gender"), seed: int = 0):
 def make_ir_tree(root, seed: int = 0):
     """``make_models_dir(root)`` plus ``models/ir`` with FP16 and FP32 IRs of both nets, as
     compile_ir.py lays it out. Returns (data_dir, models_dir)."""
-    from caffekit import openvino_ir
+    from caffekit import models as registry, openvino_ir
 
     data, models = make_models_dir(root, seed=seed)
     for task, net_name in TASK_NETS.items():
@@ -92,8 +92,8 @@ def make_ir_tree(root, seed: int = 0):
                                    next((models / net_name).glob("*.caffemodel")))
         images, source = openvino_ir.check_images(data, task, 227, count=2)
         for precision in ("FP16", "FP32"):
-            openvino_ir.compile_precision(net, task, precision, data / "mean.binaryproto", models / "ir",
-                                          images, source)
+            openvino_ir.compile_precision(net, registry.model(task), precision, data / "mean.binaryproto",
+                                          models / "ir", images, source)
     return data, models
 
 

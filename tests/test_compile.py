@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import caffe_fixtures as cf
+from caffekit import models as models_registry
 from caffekit import formats, graph, openvino_ir, tasks
 from caffekit.errors import KitError
 
@@ -197,10 +198,10 @@ def test_failed_check_leaves_no_ir(tmp_path, monkeypatch):
                                next((models / "gender_net").glob("*.caffemodel")))
     images, source = openvino_ir.check_images(data, "gender", 227, count=2)
     # A reference that disagrees, as a wrongly converted layer would.
-    monkeypatch.setattr(openvino_ir, "opencv_probabilities", lambda *a: np.tile([[0.9, 0.1]], (2, 1)))
+    monkeypatch.setattr(openvino_ir, "opencv_outputs", lambda *a: {"prob": np.tile([[0.9, 0.1]], (2, 1))})
     with pytest.raises(KitError, match="differ by"):
-        openvino_ir.compile_precision(net, "gender", "FP32", data / "mean.binaryproto", models / "ir",
-                                      images, source)
+        openvino_ir.compile_precision(net, models_registry.model("gender"), "FP32", data / "mean.binaryproto",
+                                      models / "ir", images, source)
     assert not (models / "ir/gender_net/FP32").exists()
 
 

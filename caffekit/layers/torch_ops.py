@@ -144,22 +144,20 @@ def _batch_norm(net, layer, bottoms):
     x = bottoms[0]
     mean_sum, var_sum, weight_sum = net.layer_params(layer.name)
     p = layer.batch_norm_param
-    shape = (1, -1) + (1,) * (x.dim() - 2)
     if batch_norm_uses_global_stats(layer, net.phase):
         factor = 0.0 if float(weight_sum[0]) == 0 else 1.0 / float(weight_sum[0])
-        mean, var = mean_sum.detach() * factor, var_sum.detach() * factor
-    else:
+        return [F.batch_norm(x, mean_sum.detach() * factor, var_sum.detach() * factor, training=False, eps=p.eps)]
+    # torch's fused batch norm normalises by the batch mean and the biased variance, as Caffe does.
+    y = F.batch_norm(x, None, None, training=True, eps=p.eps)
+    with torch.no_grad():
         dims = [0] + list(range(2, x.dim()))
-        xf = x.float()
-        mean = xf.mean(dims)
-        var = ((xf - mean.view(shape)) ** 2).mean(dims)  # biased, as Caffe's E((X-EX)^2)
+        var, mean = torch.var_mean(x.detach().float(), dims, unbiased=False)
         m = x.numel() // x.shape[1]
-        with torch.no_grad():
-            fraction = float(p.moving_average_fraction)
-            weight_sum.mul_(fraction).add_(1.0)
-            mean_sum.mul_(fraction).add_(mean.detach())
-            var_sum.mul_(fraction).add_(var.detach(), alpha=m / (m - 1) if m > 1 else 1.0)
-    return [(x - mean.view(shape).to(x.dtype)) / torch.sqrt(var + p.eps).view(shape).to(x.dtype)]
+        fraction = float(p.moving_average_fraction)
+        weight_sum.mul_(fraction).add_(1.0)
+        mean_sum.mul_(fraction).add_(mean)
+        var_sum.mul_(fraction).add_(var, alpha=m / (m - 1) if m > 1 else 1.0)
+    return [y]
 
 
 def _scale(net, layer, bottoms):
