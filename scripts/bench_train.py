@@ -28,26 +28,40 @@ def bench(net_name: str, batch: int, precision: str, iters: int, warmup: int, ch
     from caffekit import solver as solver_lib, torchnet
 
     net = formats.read_net(training.REPO / "caffe_models" / net_name / "train_val.prototxt")
-    data = training.data_layers(net, net_name)[graph.TRAIN]
-    crop = data.transform_param.crop_size
-    shapes = {data.top[0]: (batch, 3, crop, crop), data.top[1]: (batch,)}
+    shapes, labels = {}, []
+    for data in training.data_layers(net, net_name)[graph.TRAIN]:
+        crop = data.transform_param.crop_size
+        if crop:  # an image layer: its data top, and its label top when it has one
+            shapes[data.top[0]] = (batch, 3, crop, crop)
+            labels += list(data.top[1:])
+        else:  # a label-Datum layer (1 x 1 x 1 per record)
+            shapes[data.top[0]] = (batch, 1, 1, 1)
+            labels.append(data.top[0])
+    for name in labels:
+        shapes.setdefault(name, (batch,))
     model = torchnet.CaffeNet(net, graph.TRAIN, shapes, net_name, seed=1)
     param = caffe_pb2.SolverParameter(base_lr=0.001, lr_policy="fixed", momentum=0.9, weight_decay=5e-4)
     info = model.param_info
     sgd = solver_lib.SgdSolver(param, model.params(), [p.lr_mult for p in info], [p.decay_mult for p in info])
-    classes = model.shapes[model.layers[-1].bottom[0]][1]
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(shapes[data.top[0]], generator=generator) * 50
+    inputs = {}
+    for name, shape in shapes.items():
+        if name in labels:  # a valid class for every loss that reads it
+            reader = next(layer for layer in model.layers if len(layer.bottom) > 1 and layer.bottom[1] == name)
+            classes = model.shapes[reader.bottom[0]][1]
+            inputs[name] = torch.randint(0, classes, shape, generator=generator).float()
+        else:
+            inputs[name] = torch.randn(shape, generator=generator) * 50
+            if channels_last:
+                inputs[name] = inputs[name].contiguous(memory_format=torch.channels_last)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
         model = model.to(memory_format=torch.channels_last)
-    y = torch.randint(0, classes, (batch,), generator=generator).float()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     times, cpu_times = [], []
     for i in range(warmup + iters):
         start, cpu_start = time.perf_counter(), time.process_time()
         with autocast:
-            loss = model.loss(model({data.top[0]: x, data.top[1]: y}))
+            loss = model.loss(model(inputs))
         loss.backward()
         sgd.apply_update()
         if i >= warmup:
