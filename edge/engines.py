@@ -1,8 +1,8 @@
 """One engine interface, two back ends: OpenVINO (IR, any device) and OpenCV DNN (caffemodel, CPU).
 
     engine = make_engine(files, device="CPU", backend="auto", mode="throughput")
-    probs = engine.infer(face)                  # face: u8 BGR H x W x 3, the net's input size
-    engine.set_callback(fn)                     # fn(userdata, probs), called as results arrive
+    outputs = engine.infer(face)                # face: u8 BGR H x W x 3; {output name: 1-D array}
+    engine.set_callback(fn)                     # fn(userdata, outputs), called as results arrive
     engine.infer_async(face, userdata); engine.wait_all()
     engine.close()                              # waits for what is in flight, drops it (stopping early)
 
@@ -54,8 +54,10 @@ class Engine(object):
 
     def __init__(self, files):
         self.files = files
-        self.labels = files.meta["labels"]
+        self.outputs = files.outputs  # the heads, from the JSON: name, task, size, labels
+        self.output_names = [output["name"] for output in files.outputs]
         self.size = files.meta["input"]["shape"][1]
+        self.training_size = files.meta["training_size"]
         self._callback = None
 
     def set_callback(self, callback):
@@ -96,22 +98,32 @@ class OpenVINOEngine(Engine):
                 self.compiled = core.compile_model(model, self.device)
             except RuntimeError as exc:
                 raise EdgeError("{}: cannot load on {} ({})".format(files.xml, self.device, first_line(exc)))
-        output_shape = list(self.compiled.outputs[0].get_shape())
-        check_outputs(files, list(self.compiled.inputs[0].get_shape()), int(np.prod(output_shape[1:])))
+        sizes = {}
+        for port in self.compiled.outputs:
+            names = port.get_names()
+            name = next((n for n in self.output_names if n in names), sorted(names)[0] if names else "?")
+            sizes[name] = int(np.prod(list(port.get_shape())[1:]))
+        check_outputs(files, list(self.compiled.inputs[0].get_shape()), sizes)
+        self.ports = [self.compiled.output(name) for name in self.output_names]
         self.request = self.compiled.create_infer_request()
         self._queue = None
         self._AsyncInferQueue = AsyncInferQueue
         self._errors = []
 
+    def _read(self, request):
+        # Copies: the request's tensors are reused by the next inference.
+        return dict((name, np.array(request.get_tensor(port).data).reshape(-1))
+                    for name, port in zip(self.output_names, self.ports))
+
     def infer(self, face):
         self.request.infer({0: face[np.newaxis]})
-        return np.array(self.request.get_output_tensor(0).data).reshape(-1)
+        return self._read(self.request)
 
     def _on_done(self, request, userdata):
         # Runs on an OpenVINO thread: copy the output before the request is reused, and keep
         # any exception for the main thread (raising here would be lost).
         try:
-            self._callback(userdata, np.array(request.get_output_tensor(0).data).reshape(-1))
+            self._callback(userdata, self._read(request))
         except Exception as exc:  # noqa: BLE001 - re-raised in wait_all
             self._errors.append(exc)
 
@@ -184,7 +196,7 @@ class OpenCVEngine(Engine):
         found = [path for path in candidates if path and os.path.isfile(path)]
         if not found:
             raise EdgeError("{}: caffemodel not found for the OpenCV engine (looked at {}; pass --caffe-model "
-                            "{}=PATH)".format(files.net, ", ".join(candidates), files.task))
+                            "{}=PATH)".format(files.net, ", ".join(candidates), files.key))
         self.caffemodel = found[0]
         if _sha256(self.caffemodel) != caffe["caffemodel_sha256"]:
             raise EdgeError("{}: not the caffemodel {} was compiled from (sha256 differs; mismatched model files)"
@@ -206,7 +218,11 @@ class OpenCVEngine(Engine):
         # The IR does these steps inside the graph; OpenCV needs them here.
         blob = face.transpose(2, 0, 1)[np.newaxis].astype(np.float32) - self.mean
         self.net.setInput(blob)
-        return self.net.forward().reshape(-1)
+        if len(self.output_names) == 1:  # a one-task net: its last blob, whatever the IR called it
+            return {self.output_names[0]: self.net.forward().reshape(-1)}
+        # A joint net's outputs are its deploy blobs, named as in the IR.
+        return dict((name, value.reshape(-1)) for name, value in
+                    zip(self.output_names, self.net.forward(self.output_names)))
 
     requests_in_flight = 1
 

@@ -28,7 +28,6 @@ CASCADE_FOLDERS = [getattr(getattr(cv2, "data", None), "haarcascades", ""), "/us
                    "/usr/share/opencv/haarcascades", "/usr/local/share/opencv4/haarcascades"]
 CHIP_SCALE = 0.98     # UTKFace chip side / Haar box side (measured, see above)
 CHIP_SHIFT_Y = 0.08   # (chip centre - box centre) / box side, downwards (measured)
-TRAINING_SIZE = 256   # dataset stage: chips resized to 256x256 (Caffe's convert_imageset --resize)
 DETECT_WIDTH = 320    # detection runs on a copy this wide (or the frame, if narrower)
 MIN_FACE = 30         # smallest face searched for, in pixels of the detection copy (60 px at 640 wide)
 SCALE_STEP = 1.15     # cascade pyramid step: 1.1 finds a few more faces at nearly twice the cost
@@ -80,14 +79,15 @@ def chip_box(box, frame_shape, scale=CHIP_SCALE, shift_y=CHIP_SHIFT_Y):
     return left, top, max(right - left, 1), max(bottom - top, 1)
 
 
-def net_input(frame, chip, size):
-    """The chip as the net's input: resized to TRAINING_SIZE, centre ``size`` crop (u8 BGR HWC)."""
+def net_input(frame, chip, size, training_size):
+    """The chip as the net's input, framed as in training: resized to ``training_size`` (the LMDB images'
+    size, from the IR's JSON), then the centre ``size`` crop (u8 BGR HWC)."""
     x, y, w, h = chip
     crop = frame[y:y + h, x:x + w]
     if crop.ndim == 2:
         crop = cv2.cvtColor(crop, cv2.COLOR_GRAY2BGR)
-    resized = cv2.resize(crop, (TRAINING_SIZE, TRAINING_SIZE), interpolation=cv2.INTER_LINEAR)
-    offset = (TRAINING_SIZE - size) // 2
+    resized = cv2.resize(crop, (training_size, training_size), interpolation=cv2.INTER_LINEAR)
+    offset = (training_size - size) // 2
     return np.ascontiguousarray(resized[offset:offset + size, offset:offset + size])
 
 

@@ -8,7 +8,9 @@ import json
 import os
 from collections import namedtuple
 
-NETS = (("age", "age_net"), ("gender", "gender_net"))
+PAIR = ("age_net", "gender_net")  # the Levi & Hassner nets: one task each, two requests per face
+JOINT = "joint_net"               # one request per face answers both tasks
+MODEL_CHOICES = ("auto", "pair", "joint")
 PRECISIONS = ("FP16", "FP32", "INT8")
 EDGE_DIR = os.path.dirname(os.path.abspath(__file__))
 METADATA_FORMAT = "agegender-edge-kit IR metadata"
@@ -18,7 +20,7 @@ class EdgeError(Exception):
     """A problem the user can fix, reported as one line (exit code 2)."""
 
 
-ModelFiles = namedtuple("ModelFiles", "task net folder xml bin meta meta_path")
+ModelFiles = namedtuple("ModelFiles", "key net folder xml bin meta meta_path outputs")
 
 
 def _is_text(value):
@@ -40,9 +42,13 @@ def _is_shape(value):
 # Every key of the JSON that the runner reads, checked when the file is loaded, so that a damaged
 # or foreign file is reported with its name and the key instead of failing later where it is used.
 FIELDS = (("task", "a string", _is_text), ("net", "a string", _is_text),
-          ("precision", "a string", _is_text), ("labels", "a list of strings", _is_labels),
+          ("precision", "a string", _is_text),
           ("input.shape", "a list of 4 positive integers (N, H, W, C)", _is_shape),
-          ("output.classes", "a positive integer", _is_count))
+          ("training_size", "a positive integer", _is_count),
+          ("outputs", "a list of outputs", lambda value: isinstance(value, list) and bool(value)))
+# Each entry of "outputs": one head of the net.
+OUTPUT_FIELDS = (("name", "a string", _is_text), ("task", "a string", _is_text), ("size", "a positive integer", _is_count))
+CLASS_TASKS = ("age", "gender")  # heads of class probabilities, which carry labels
 # Read only by the OpenCV engine, which checks them when it is chosen.
 OPENCV_FIELDS = (("caffe.deploy", "a file name", _is_text), ("caffe.caffemodel", "a path", _is_text),
                  ("caffe.caffemodel_sha256", "a sha256 hex digest", _is_text), ("mean.file", "a file name", _is_text))
@@ -89,7 +95,21 @@ def _read_json(path):
         raise EdgeError("{}: cannot read model metadata ({})".format(path, exc))
 
 
-def model_files(models_dir, task, net, precision):
+def check_outputs_meta(meta, path):
+    """The "outputs" entries: each with its fields, labels for the class heads, age bins for age."""
+    for i, output in enumerate(meta["outputs"]):
+        where = "{} (outputs[{}])".format(path, i)
+        check_fields(output, where, OUTPUT_FIELDS)
+        if output["task"] in CLASS_TASKS:
+            check_fields(output, where, (("labels", "a list of strings", _is_labels),))
+            if len(output["labels"]) != output["size"]:
+                raise EdgeError("{}: {} labels for {} outputs".format(where, len(output["labels"]), output["size"]))
+        if output["task"] == "age":
+            check_fields(output, where, (("age_bin_centres", "a list of numbers",
+                                          lambda v: isinstance(v, list) and len(v) == output["size"]),))
+
+
+def model_files(models_dir, net, precision):
     """The checked files of one net at one precision."""
     folder = os.path.join(models_dir, net, precision)
     xml, bin_, meta_path = (os.path.join(folder, net + ext) for ext in (".xml", ".bin", ".json"))
@@ -106,24 +126,26 @@ def model_files(models_dir, task, net, precision):
     if meta.get("format") != METADATA_FORMAT:
         raise EdgeError("{}: not a model metadata file of this kit".format(meta_path))
     check_fields(meta, meta_path, FIELDS)
-    if meta["task"] != task or meta["net"] != net or meta["precision"] != precision:
+    check_outputs_meta(meta, meta_path)
+    if meta["net"] != net or meta["precision"] != precision:
         raise EdgeError("{}: describes the {} {} model, expected {} {} (mismatched model files)".format(
             meta_path, meta["net"], meta["precision"], net, precision))
-    if len(meta["labels"]) != meta["output"]["classes"]:
-        raise EdgeError("{}: {} labels for {} outputs".format(meta_path, len(meta["labels"]),
-                                                              meta["output"]["classes"]))
-    return ModelFiles(task, net, folder, xml, bin_, meta, meta_path)
+    return ModelFiles(net[:-len("_net")], net, folder, xml, bin_, meta, meta_path, meta["outputs"])
 
 
-def all_model_files(models_dir, precision):
+def all_model_files(models_dir, precision, choice="auto"):
+    """The nets to run: the joint net (one request per face) when compiled and ``choice`` allows, else the pair."""
     models_dir = find_models_dir(models_dir)
-    return [model_files(models_dir, task, net, precision) for task, net in NETS]
+    joint_there = os.path.isdir(os.path.join(models_dir, JOINT, precision))
+    if choice == "joint" or (choice == "auto" and joint_there):
+        return [model_files(models_dir, JOINT, precision)]
+    return [model_files(models_dir, net, precision) for net in PAIR]
 
 
-def check_outputs(files, input_shape, classes):
+def check_outputs(files, input_shape, output_sizes):
     """Compare what the loaded model says with its JSON (a .bin or .xml copied from another net)."""
     meta = files.meta
-    if list(input_shape) != list(meta["input"]["shape"]) or classes != meta["output"]["classes"]:
-        raise EdgeError("{}: model has input {} and {} outputs, its JSON says {} and {} (mismatched model files)"
-                        .format(files.xml, list(input_shape), classes, meta["input"]["shape"],
-                                meta["output"]["classes"]))
+    expected = {output["name"]: output["size"] for output in files.outputs}
+    if list(input_shape) != list(meta["input"]["shape"]) or output_sizes != expected:
+        raise EdgeError("{}: model has input {} and outputs {}, its JSON says {} and {} (mismatched model files)"
+                        .format(files.xml, list(input_shape), output_sizes, meta["input"]["shape"], expected))

@@ -7,9 +7,12 @@
     python edge/run_inference.py --camera 0 --show
     python edge/run_inference.py --image 25_1_2_2017.jpg.chip.jpg --no-detect   # already a face crop
 
-Models: <models>/age_net/<PRECISION>/age_net.xml and gender_net likewise, with the JSON that
-scripts/compile_ir.py writes beside them (labels, input format). Without OpenVINO installed
-the runner uses OpenCV DNN on the caffemodels named in that JSON (CPU only).
+Models: <models>/joint_net/<PRECISION>/joint_net.xml (one request per face answers both tasks; the
+default when compiled), else age_net and gender_net likewise (--model pair|joint chooses), with the
+JSON that scripts/compile_ir.py writes beside them (outputs, labels, input format, training size).
+Without OpenVINO installed the runner uses OpenCV DNN on the caffemodels named in that JSON (CPU only).
+Each face is printed with its age bin, its age in years (the joint net's expected age over the years,
+or the pair's expected age over the bin centres) and its gender.
 
 --output: a file name ending in an image suffix (.jpg .jpeg .png .bmp .webp .tif .tiff) or, for
 a video or camera, a video suffix (.mp4 .avi .mkv .mov); a path without suffix, ending in /, or an
@@ -42,11 +45,25 @@ import numpy as np
 from engines import BACKENDS, DEVICES, make_engine
 from face_detection import FaceDetector, chip_box, net_input
 from media import OutputTarget, VideoOutput, frame_rate, image_files, open_capture, read_image, write_image
-from model_files import PRECISIONS, EdgeError, all_model_files
+from model_files import MODEL_CHOICES, PRECISIONS, EdgeError, all_model_files
 
 EXIT_OK, EXIT_ERROR, EXIT_NO_FACE, EXIT_INTERRUPTED = 0, 2, 3, 130
 
-Face = collections.namedtuple("Face", "box age age_prob gender gender_prob")
+Face = collections.namedtuple("Face", "box age age_prob age_years gender gender_prob")
+
+
+def read_face(box, answers):
+    """A Face from the nets' answers, ``[(head, values)]`` (a head as the IR JSON's "outputs" lists it):
+    whichever nets answered, the age bin, the age in years and the gender."""
+    by_task = dict((head["task"], (head, values)) for head, values in answers)
+    age_head, age = by_task["age"]
+    gender_head, gender = by_task["gender"]
+    if "age_years" in by_task:
+        years = float(by_task["age_years"][1][0])
+    else:  # a bin classifier: the expected age over the bin centres (what its MAE measures)
+        years = float(np.dot(age, age_head["age_bin_centres"]))
+    return Face(list(box), age_head["labels"][int(np.argmax(age))], float(np.max(age)), round(years, 1),
+                gender_head["labels"][int(np.argmax(gender))], float(np.max(gender)))
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -83,6 +100,8 @@ def build_argparser():
     model = parser.add_argument_group("model")
     model.add_argument("--models", default="models/ir", help="folder of compiled IRs (default: models/ir, "
                        "relative to the working folder or to the folder above edge/)")
+    model.add_argument("--model", choices=MODEL_CHOICES, default="auto",
+                       help="joint: one net for both tasks; pair: AgeNet + GenderNet; auto: joint when compiled")
     model.add_argument("--precision", choices=PRECISIONS, default="FP16", help="default FP16 (NCS2)")
     model.add_argument("--device", choices=DEVICES, help="default: MYRIAD when plugged in, else CPU")
     model.add_argument("--engine", choices=BACKENDS, default="auto",
@@ -133,17 +152,15 @@ class Job(object):
 
     def __init__(self, index, name, frame, boxes, inputs, started):
         self.index, self.name, self.frame, self.boxes = index, name, frame, boxes
-        self.inputs, self.started = inputs, started
-        self.probs = {}
+        self.inputs, self.started = inputs, started  # inputs: {net: [one crop per face]}
+        self.outputs = {}
         self.remaining = 0
 
-    def faces(self, labels):
-        faces = []
-        for i, box in enumerate(self.boxes):
-            age, gender = self.probs["age"][i], self.probs["gender"][i]
-            faces.append(Face(list(box), labels["age"][int(np.argmax(age))], float(np.max(age)),
-                              labels["gender"][int(np.argmax(gender))], float(np.max(gender))))
-        return faces
+    def faces(self, heads):
+        """``heads``: {net: its heads}; the pair's two nets both call their output "prob"."""
+        return [read_face(box, [(head, self.outputs[net][i][head["name"]]) for net in self.outputs
+                                for head in heads[net]])
+                for i, box in enumerate(self.boxes)]
 
 
 class Pipeline(object):
@@ -160,21 +177,22 @@ class Pipeline(object):
         for task, engine in engines.items():
             engine.set_callback(functools.partial(self._on_result, task))
 
-    def _on_result(self, task, userdata, probs):
+    def _on_result(self, net, userdata, outputs):
         index, face = userdata
         with self.lock:
             job = self.pending[index]
-            job.probs[task][face] = probs
+            job.outputs[net][face] = outputs
             job.remaining -= 1
 
     def submit(self, job):
+        faces = len(job.boxes)
         with self.lock:
-            job.probs = {task: [None] * len(job.inputs) for task in self.engines}
-            job.remaining = len(job.inputs) * len(self.engines)
+            job.outputs = dict((net, [None] * faces) for net in self.engines)
+            job.remaining = faces * len(self.engines)
             self.pending[job.index] = job
-        for face, image in enumerate(job.inputs):
-            for engine in self.engines.values():
-                engine.infer_async(image, (job.index, face))
+        for face in range(faces):
+            for net, engine in self.engines.items():
+                engine.infer_async(job.inputs[net][face], (job.index, face))
 
     def finished(self):
         done = []
@@ -194,8 +212,9 @@ class Pipeline(object):
             engine.close()
 
 
-def prepare(index, name, frame, detector, size):
-    """A Job: the faces of ``frame`` (or the whole frame with --no-detect) as net inputs."""
+def prepare(index, name, frame, detector, engines):
+    """A Job: the faces of ``frame`` (or the whole frame with --no-detect) as each net's inputs, framed as
+    its training images were (the IR JSON's training size and input size)."""
     started = time.perf_counter()
     if detector is None:
         boxes = [(0, 0, frame.shape[1], frame.shape[0])]
@@ -203,7 +222,14 @@ def prepare(index, name, frame, detector, size):
     else:
         boxes = detector.detect(frame)
         chips = [chip_box(box, frame.shape) for box in boxes]
-    return Job(index, name, frame, boxes, [net_input(frame, chip, size) for chip in chips], started)
+    crops = {}
+    inputs = {}
+    for net, engine in engines.items():
+        framing = (engine.size, engine.training_size)
+        if framing not in crops:  # the pair's two nets share one crop
+            crops[framing] = [net_input(frame, chip, engine.size, engine.training_size) for chip in chips]
+        inputs[net] = crops[framing]
+    return Job(index, name, frame, boxes, inputs, started)
 
 
 # ---------------------------------------------------------------- output
@@ -213,8 +239,8 @@ def describe(job, faces):
     lines = []
     for i, face in enumerate(faces):
         x, y, w, h = face.box
-        lines.append("{}: face {} at x={} y={} w={} h={}: age {} ({:.0%}), {} ({:.0%})".format(
-            job.name, i + 1, x, y, w, h, face.age, face.age_prob, face.gender, face.gender_prob))
+        lines.append("{}: face {} at x={} y={} w={} h={}: age {} ({:.0%}), {:.0f} years, {} ({:.0%})".format(
+            job.name, i + 1, x, y, w, h, face.age, face.age_prob, face.age_years, face.gender, face.gender_prob))
     return "\n".join(lines)
 
 
@@ -228,7 +254,7 @@ def annotate(frame, faces, fps=None):
         x, y, w, h = face.box
         colour = (60, 60, 230) if face.gender == "Female" else (230, 140, 40)
         cv2.rectangle(out, (x, y), (x + w, y + h), colour, 2)
-        text = "{} {:.0%}, {} {:.0%}".format(face.gender, face.gender_prob, face.age, face.age_prob)
+        text = "{} {:.0%}, {:.0f} y ({})".format(face.gender, face.gender_prob, face.age_years, face.age)
         scale = max(0.4, min(1.0, w / 180.0))
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         if tw + 6 > out.shape[1]:  # a face filling a small image: shrink the label to stay readable in full
@@ -261,8 +287,8 @@ def print_error(exc):
 class Reporter(object):
     """Prints each finished job (text or JSON) and writes its annotated copy to ``target``."""
 
-    def __init__(self, args, labels, target):
-        self.args, self.labels, self.target = args, labels, target
+    def __init__(self, args, heads, target):
+        self.args, self.heads, self.target = args, heads, target
         self.without_face = 0
         self.with_face = 0
         self.failed = 0  # images whose annotated copy could not be written
@@ -275,7 +301,7 @@ class Reporter(object):
             self.report(job, None if fps_since is None else (job.index + 1) / (time.perf_counter() - fps_since))
 
     def report(self, job, fps=None):
-        faces = job.faces(self.labels)
+        faces = job.faces(self.heads)
         ms = 1000 * (time.perf_counter() - job.started)
         if faces:
             self.with_face += 1
@@ -312,20 +338,22 @@ class Reporter(object):
 def load_engines(args, mode):
     caffemodels = {}
     for item in args.caffe_model:
-        task, _, path = item.partition("=")
-        if task not in ("age", "gender") or not path:
-            raise EdgeError("--caffe-model {}: expected age=FILE or gender=FILE".format(item))
-        caffemodels[task] = path
+        key, _, path = item.partition("=")
+        if key not in ("age", "gender", "joint") or not path:
+            raise EdgeError("--caffe-model {}: expected age=FILE, gender=FILE or joint=FILE".format(item))
+        caffemodels[key] = path
     engines = collections.OrderedDict()
-    for files in all_model_files(args.models, args.precision):
-        engines[files.task] = make_engine(files, args.device, args.engine, mode, caffemodels.get(files.task))
-    sizes = {engine.size for engine in engines.values()}
-    if len(sizes) != 1:
-        raise EdgeError("the age and gender nets expect different input sizes ({})".format(sorted(sizes)))
-    return engines
+    for files in all_model_files(args.models, args.precision, args.model):
+        engines[files.key] = make_engine(files, args.device, args.engine, mode, caffemodels.get(files.key))
+    heads = dict((net, engine.outputs) for net, engine in engines.items())
+    tasks = set(head["task"] for outputs in heads.values() for head in outputs)
+    if not {"age", "gender"} <= tasks:
+        raise EdgeError("{}: the models answer {}, the runner needs an age and a gender head".format(
+            args.models, ", ".join(sorted(tasks))))
+    return engines, heads
 
 
-def run_images(args, pipeline, reporter, detector, size, ctrl_c):
+def run_images(args, pipeline, reporter, detector, engines, ctrl_c):
     paths = list(args.image) if args.image else image_files(args.dir)
     unreadable = 0
     for index, path in enumerate(paths):
@@ -336,7 +364,7 @@ def run_images(args, pipeline, reporter, detector, size, ctrl_c):
             print_error(exc)
             unreadable += 1
             continue
-        pipeline.submit(prepare(index, path, frame, detector, size))
+        pipeline.submit(prepare(index, path, frame, detector, engines))
         reporter.report_all(pipeline.finished())
     reporter.report_all(pipeline.drain())
     if unreadable or reporter.failed:
@@ -344,7 +372,7 @@ def run_images(args, pipeline, reporter, detector, size, ctrl_c):
     return EXIT_NO_FACE if reporter.without_face else EXIT_OK
 
 
-def run_stream(args, pipeline, reporter, detector, size, engines, ctrl_c):
+def run_stream(args, pipeline, reporter, detector, engines, ctrl_c):
     capture = open_capture(args.video, args.camera)
     name = args.video if args.video is not None else "camera{}".format(args.camera)
     reporter.video_fps = frame_rate(capture)
@@ -356,7 +384,7 @@ def run_stream(args, pipeline, reporter, detector, size, engines, ctrl_c):
             ok, frame = capture.read()
             if not ok:
                 break
-            pipeline.submit(prepare(frames, "{}#{}".format(name, frames), frame, detector, size))
+            pipeline.submit(prepare(frames, "{}#{}".format(name, frames), frame, detector, engines))
             frames += 1
             reporter.report_all(pipeline.finished(), fps_since=start)
             now = time.perf_counter()
@@ -371,8 +399,9 @@ def run_stream(args, pipeline, reporter, detector, size, engines, ctrl_c):
     elapsed = time.perf_counter() - start
     cpu_ms = 1000 * (time.process_time() - cpu_start) / frames
     in_flight = max(getattr(engine, "requests_in_flight", 1) for engine in engines.values())
-    print("{}: {} frames in {:.1f} s = {:.1f} FPS, {:.1f} ms CPU per frame (detection and both nets, {} requests "
-          "in flight per net, {})".format(name, frames, elapsed, frames / elapsed, cpu_ms, in_flight,
+    print("{}: {} frames in {:.1f} s = {:.1f} FPS, {:.1f} ms CPU per frame (detection and {}, {} requests "
+          "in flight per net, {})".format(name, frames, elapsed, frames / elapsed, cpu_ms,
+                                          " + ".join(e.files.net for e in engines.values()), in_flight,
                                           next(iter(engines.values())).name), file=sys.stderr)
     return EXIT_OK if reporter.with_face else EXIT_NO_FACE
 
@@ -385,9 +414,7 @@ def main(argv=None):
     stream = args.video is not None or args.camera is not None
     several = stream or args.dir is not None or len(args.image or ()) > 1
     target = OutputTarget(args.output, stream, several) if args.output is not None else None
-    engines = load_engines(args, "throughput" if several else "latency")
-    labels = {task: engine.labels for task, engine in engines.items()}
-    size = next(iter(engines.values())).size
+    engines, heads = load_engines(args, "throughput" if several else "latency")
     try:
         detector = None if args.no_detect else FaceDetector()
     except RuntimeError as exc:
@@ -395,12 +422,12 @@ def main(argv=None):
     if target is not None:
         target.prepare()
     pipeline = Pipeline(engines)
-    reporter = Reporter(args, labels, target)
+    reporter = Reporter(args, heads, target)
     with CtrlC() as ctrl_c:
         try:
             if stream:
-                return run_stream(args, pipeline, reporter, detector, size, engines, ctrl_c)
-            return run_images(args, pipeline, reporter, detector, size, ctrl_c)
+                return run_stream(args, pipeline, reporter, detector, engines, ctrl_c)
+            return run_images(args, pipeline, reporter, detector, engines, ctrl_c)
         finally:
             pipeline.close()  # before Python unwinds further: OpenVINO may still call back
             reporter.close()

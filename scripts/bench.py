@@ -1,4 +1,4 @@
-"""Latency and throughput of the edge runner's engines on both nets, and the runner itself on a video.
+"""Latency and throughput of the edge runner's engines on every net, and the runner itself on a video.
 
     python scripts/bench.py --data-dir data --models-dir models     # writes bench/results.md and .json
 
@@ -7,7 +7,8 @@ the CPU with the FP32 IR (f32 forced, and at the CPU's default precision: bf16 w
 it), the FP16 and INT8 IRs; OpenCV DNN on the caffemodel. Latency: median of batch-1 engine.infer
 calls (engine compiled for latency); throughput: median over timed windows of results per second
 through engine.infer_async, the engine's own request queue (engine compiled for throughput). Then
-edge/run_inference.py on a generated 640x480 video with one UTKFace face moving across it.
+edge/run_inference.py on a generated 640x480 video with one UTKFace face moving across it. "Both tasks, one
+face" rows add up what a face costs: the pair's two latencies, or the joint net's one.
 All numbers come from one run on the CPU named in the table, so their ratios are meaningful.
 """
 import argparse
@@ -32,7 +33,7 @@ import engines  # noqa: E402
 import face_detection  # noqa: E402
 from model_files import EdgeError, model_files  # noqa: E402
 
-from caffekit import atomic, openvino_ir, tasks  # noqa: E402
+from caffekit import atomic, models, openvino_ir  # noqa: E402
 from caffekit.errors import KitError, cli  # noqa: E402
 
 BENCH_IMAGES = 32  # test-LMDB centre crops when the dataset exists, else generated ones
@@ -115,16 +116,22 @@ def inference_precision(engine) -> str:
     return engine.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
 
-def bench_net(task, ir, images, settings, rows, notes):
-    net = tasks.TASKS[task]["net"]
+def bench_net(key, ir, data_dir, settings, rows, notes):
+    entry = models.model(key)
+    net = entry.name
+    images = None
     for precision, force_f32 in OPENVINO_CASES:
         try:
-            files = model_files(str(ir), task, net, precision)
+            files = model_files(str(ir), net, precision)
         except EdgeError as exc:
             if precision != "INT8":
                 raise
             notes.append(f"{net} INT8 row skipped: {exc}")
             continue
+        if images is None:
+            images, source = openvino_ir.check_images(data_dir, entry.data, files.meta["input"]["shape"][1],
+                                                      count=BENCH_IMAGES)
+            notes.append(f"{net} images: {source}")
         latency_engine, engine = (openvino_engine(files, mode, force_f32) for mode in ("latency", "throughput"))
         runs_at = inference_precision(engine)
         how = "forced" if force_f32 else "CPU default"
@@ -136,12 +143,27 @@ def bench_net(task, ir, images, settings, rows, notes):
             notes.append(f"{net} INT8 test accuracy {100 * q['int8_accuracy']:.1f}% vs FP32 "
                          f"{100 * q['fp32_accuracy']:.1f}% ({q['test_images']} images)")
     try:
-        engine = engines.make_engine(model_files(str(ir), task, net, "FP32"), None, "opencv")
+        engine = engines.make_engine(model_files(str(ir), net, "FP32"), None, "opencv")
     except EdgeError as exc:
         notes.append(f"{net} OpenCV row skipped: {exc}")
         return
     print(f"{net}: {engine.name}", flush=True)
     rows.append(row(net, engine, "FP32", "caffemodel", "f32", False, engine, images, settings))
+
+
+def both_tasks_rows(rows):
+    """Per face, both tasks: the pair's two latencies added (two requests), the joint net's own (one)."""
+    out = []
+    for label in dict.fromkeys(r["precision"] for r in rows):
+        by_net = {r["net"]: r for r in rows if r["precision"] == label}
+        pair = [by_net.get(models.model(key).name) for key in models.PAIR]
+        if all(pair):
+            out.append({"models": "pair (age_net + gender_net)", "precision": label, "requests": 2,
+                        "latency_ms": round(sum(r["latency_ms"] for r in pair), 2)})
+        joint = by_net.get(models.model("joint").name)
+        if joint:
+            out.append({"models": "joint_net", "precision": label, "requests": 1, "latency_ms": joint["latency_ms"]})
+    return out
 
 
 def row(net, engine, label, model, runs_at, forced, latency_engine, images, settings):
@@ -174,15 +196,15 @@ def face_video(path: Path, utkface: Path, frames: int):
         os.replace(tmp.with_suffix(".avi"), tmp)
 
 
-def runner_fps(video: Path, models: Path, precision: str):
+def runner_fps(video: Path, ir: Path, precision: str, model: str):
     result = subprocess.run([sys.executable, str(REPO / "edge" / "run_inference.py"), "--video", str(video),
-                             "--models", str(models), "--precision", precision, "--device", "CPU", "--json"],
-                            capture_output=True, text=True, cwd=REPO)
+                             "--models", str(ir), "--precision", precision, "--device", "CPU", "--json",
+                             "--model", model], capture_output=True, text=True, cwd=REPO)
     if result.returncode not in (0, 3):
         raise KitError(f"edge runner failed on {video}: {result.stderr.strip().splitlines()[-1]}")
     match = re.search(r"(\d+) frames in ([\d.]+) s = ([\d.]+) FPS, ([\d.]+) ms CPU per frame", result.stderr)
     faces = sum(len(json.loads(line)["faces"]) == 1 for line in result.stdout.splitlines())
-    return {"precision": precision, "frames": int(match.group(1)), "fps": float(match.group(3)),
+    return {"model": model, "precision": precision, "frames": int(match.group(1)), "fps": float(match.group(3)),
             "cpu_ms_per_frame": float(match.group(4)), "frames_with_one_face": faces}
 
 
@@ -218,14 +240,19 @@ def markdown(report) -> str:
         ratio = f"{r['throughput_ips'] / base:.2f}x" if base else ""
         lines.append(f"| {r['net']} | {r['engine']} | {r['precision']} | {r['latency_ms']:.2f} | "
                      f"{r['throughput_ips']:.1f} | {r['in_flight']} | {ratio} |")
+    if report.get("both_tasks"):
+        lines += ["", "Both tasks, one face (batch-1 latency of the requests a face needs):", "",
+                  "| models | precision | requests per face | latency ms |", "|---|---|---:|---:|"]
+        lines += [f"| {r['models']} | {r['precision']} | {r['requests']} | {r['latency_ms']:.2f} |"
+                  for r in report["both_tasks"]]
     if report.get("end_to_end"):
         lines += ["", "End to end (edge/run_inference.py, CPU, 640x480 video, one face per frame, "
                   "Haar detection + both nets, async):", "",
-                  "| precision | frames | FPS | CPU ms per frame (all threads) | frames with the face found |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| models | precision | frames | FPS | CPU ms per frame (all threads) | frames with the face found |",
+                  "|---|---|---:|---:|---:|---:|"]
         for r in report["end_to_end"]:
-            lines.append(f"| {r['precision']} | {r['frames']} | {r['fps']:.1f} | {r['cpu_ms_per_frame']:.1f} | "
-                         f"{r['frames_with_one_face']} |")
+            lines.append(f"| {r['model']} | {r['precision']} | {r['frames']} | {r['fps']:.1f} | "
+                         f"{r['cpu_ms_per_frame']:.1f} | {r['frames_with_one_face']} |")
         lines += ["", f"CPU time per frame depends far less on other load than FPS does; with {os.cpu_count()} "
                   f"cores free, {os.cpu_count()} x 1000 / (CPU ms per frame) is the most frames per second they "
                   f"could sustain.", "", "Haar cascade alone, ms per frame: " +
@@ -243,7 +270,8 @@ def main(argv=None) -> None:
     parser.add_argument("--models-dir", type=Path, default=REPO / "models")
     parser.add_argument("--utkface", type=Path, default=UTKFACE, help="faces for the end-to-end video")
     parser.add_argument("--out", type=Path, default=REPO / "bench", help="folder for results.md/.json")
-    parser.add_argument("--net", choices=("age", "gender", "all"), default="all")
+    parser.add_argument("--net", choices=tuple(models.MODELS) + ("all",), default="all",
+                        help="all: the pair and, once compiled, the joint net")
     parser.add_argument("--quick", action="store_true", help="a few seconds in all (checks the bench, not the CPU)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
@@ -251,26 +279,31 @@ def main(argv=None) -> None:
     if openvino is None:
         raise KitError("OpenVINO is not installed (`make setup` installs it)")
 
-    images, source = openvino_ir.check_images(args.data_dir, "age", 227, count=BENCH_IMAGES)
-    report = {"cpu": cpu_name(), "images": source, "settings": settings,
+    ir = args.models_dir / "ir"
+    keys = [args.net] if args.net != "all" else list(models.PAIR) + [
+        key for key in models.MODELS if key not in models.PAIR and (ir / models.model(key).name / "FP32").is_dir()]
+    report = {"cpu": cpu_name(), "images": "test-LMDB centre crops of each net's own size (see notes)",
+              "settings": settings,
               "versions": {"python": platform.python_version(), "openvino": openvino[2], "opencv": cv2.__version__},
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": [],
               "notes": ["'forced': the FP32 IR compiled with INFERENCE_PRECISION_HINT=f32; 'CPU default': "
                         "no hint, as the runner compiles it (OpenVINO picks bf16 on CPUs with AVX-512 BF16 or AMX)."],
               "load_average_at_start": round(os.getloadavg()[0], 2)}
     try:
-        for task in (("age", "gender") if args.net == "all" else (args.net,)):
-            bench_net(task, args.models_dir / "ir", images, settings, report["rows"], report["notes"])
+        for key in keys:
+            bench_net(key, ir, args.data_dir, settings, report["rows"], report["notes"])
     except EdgeError as exc:  # a missing or mismatched FP16/FP32 IR
         raise KitError(str(exc))
+    report["both_tasks"] = both_tasks_rows(report["rows"])
     if args.utkface.is_dir() and any(args.utkface.iterdir()):
         video = args.out / "e2e_640x480.avi"
         face_video(video, args.utkface, settings["frames"])
         report["end_to_end"] = []
-        for precision in ("FP16", "INT8"):
-            if openvino_ir.ir_paths(args.models_dir / "ir", "age_net", precision)["xml"].is_file():
-                print(f"end to end: {precision}", flush=True)
-                report["end_to_end"].append(runner_fps(video, args.models_dir / "ir", precision))
+        for model, net in (("pair", "age_net"), ("joint", "joint_net")):
+            for precision in ("FP16", "INT8"):
+                if openvino_ir.ir_paths(ir, net, precision)["xml"].is_file():
+                    print(f"end to end: {model} {precision}", flush=True)
+                    report["end_to_end"].append(runner_fps(video, ir, precision, model))
         report["detection_ms"] = detection_ms(video)
         report["notes"].append(f"The runner detects faces on a copy scaled to {face_detection.DETECT_WIDTH} "
                                f"pixels wide (smallest face {face_detection.MIN_FACE} px there, pyramid step "

@@ -342,7 +342,7 @@ def with_age_json(models, folder, edit):
     return copy, path
 
 
-@pytest.mark.parametrize("key", ["input", "precision", "labels"])
+@pytest.mark.parametrize("key", ["input", "precision", "outputs"])
 def test_model_json_without_a_key_names_the_file_and_the_key(models, scene, tmp_path, key):
     copy, path = with_age_json(models, tmp_path, lambda meta: {k: v for k, v in meta.items() if k != key})
     result = run("--models", copy, "--image", scene[0])
