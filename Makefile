@@ -23,6 +23,7 @@ INIT_WEIGHTS ?=
 MAX_ITER    ?=
 PRECISION   ?=
 DEVICE      ?=
+MODEL       ?= auto
 IMAGE       ?=
 VIDEO       ?=
 DEMO_DIR    ?= demo
@@ -38,7 +39,7 @@ py = $(call q,$(PY))
 
 RACES := asian white black indian others all
 BACKENDS := auto torch caffe docker
-NETS := age gender all
+NETS := age gender joint all
 # Pre-train on all races, then fine-tune on RACE: the default unless PRETRAIN=0 or RACE=all (nothing to add);
 # INIT_WEIGHTS= replaces stage 1 with weights of your own.
 USE_PRETRAIN = $(and $(filter 1,$(PRETRAIN)),$(filter-out all,$(RACE)))
@@ -46,6 +47,7 @@ TRAIN_PRETRAIN = $(if $(INIT_WEIGHTS),,$(USE_PRETRAIN))
 $(if $(filter $(RACE),$(RACES)),,$(error RACE=$(RACE): expected one of $(RACES)))
 $(if $(filter $(BACKEND),$(BACKENDS)),,$(error BACKEND=$(BACKEND): expected one of $(BACKENDS)))
 $(if $(filter $(NET),$(NETS)),,$(error NET=$(NET): expected one of $(NETS)))
+$(if $(filter $(MODEL),auto pair joint),,$(error MODEL=$(MODEL): expected one of auto pair joint))
 
 DIR_ARGS   = --data-dir $(call q,$(DATA_DIR)) --models-dir $(call q,$(MODELS_DIR))
 TRAIN_ARGS = --backend $(BACKEND) $(DIR_ARGS) \
@@ -56,7 +58,8 @@ TRAIN_ARGS = --backend $(BACKEND) $(DIR_ARGS) \
 EVAL_ARGS  = $(DIR_ARGS) $(if $(WEIGHTS),--weights $(call q,$(WEIGHTS)))
 IR_ARGS    = --net $(NET) $(EVAL_ARGS)
 
-.PHONY: help setup demo download dataset dataset-val train-age train-gender test-age test-gender evaluate \
+.PHONY: help setup demo download dataset dataset-val train-age train-gender train-joint test-age test-gender \
+        test-joint evaluate \
         compile-ncs compile-int8 run bench bench-dataset bench-train test test-oracle oracle clean
 
 help:  ## list the targets
@@ -95,15 +98,21 @@ train-age:  ## train AgeNet: pre-train on all races, fine-tune on RACE (PRETRAIN
 train-gender:  ## train GenderNet
 	$(py) scripts/train.py --net gender $(TRAIN_ARGS)
 
+train-joint:  ## train the joint net (both tasks, one pass): pre-train on all races, fine-tune on RACE
+	$(py) scripts/train.py --net joint $(TRAIN_ARGS)
+
 test-age:  ## evaluate AgeNet on the test LMDB through OpenCV's Caffe importer
 	$(py) scripts/evaluate.py --net age $(EVAL_ARGS)
 
 test-gender:  ## evaluate GenderNet
 	$(py) scripts/evaluate.py --net gender $(EVAL_ARGS)
 
-evaluate: test-age test-gender  ## both evaluations
+test-joint:  ## evaluate the joint net (age bins, age in years, gender), beside the pair's figures on the same faces
+	$(py) scripts/evaluate.py --net joint $(EVAL_ARGS)
 
-compile-ncs:  ## caffemodel -> OpenVINO IR, FP16 (NCS2) and FP32, in MODELS_DIR/ir
+evaluate: test-age test-gender  ## both evaluations of the pair
+
+compile-ncs:  ## caffemodel -> OpenVINO IR, FP16 (NCS2) and FP32, in MODELS_DIR/ir (NET=age|gender|joint|all)
 	$(py) scripts/compile_ir.py $(IR_ARGS) --precision FP16 FP32
 
 compile-int8:  ## add INT8 IRs for CPUs (NNCF post-training quantization)
@@ -111,14 +120,15 @@ compile-int8:  ## add INT8 IRs for CPUs (NNCF post-training quantization)
 
 run:  ## the edge runner on IMAGE=... or VIDEO=... (DEVICE=, default MYRIAD when plugged in, else CPU)
 	$(if $(IMAGE)$(VIDEO),,$(error give IMAGE=photo.jpg or VIDEO=clip.mp4))
-	$(py) edge/run_inference.py --models $(call q,$(MODELS_DIR)/ir) $(if $(DEVICE),--device $(DEVICE)) \
+	$(py) edge/run_inference.py --models $(call q,$(MODELS_DIR)/ir) --model $(MODEL) $(if $(DEVICE),--device $(DEVICE)) \
 	  $(if $(IMAGE),--image $(call q,$(IMAGE))) $(if $(VIDEO),--video $(call q,$(VIDEO)))
 
 bench:  ## latency and throughput of every engine, both nets, and the end-to-end runner
 	$(py) scripts/bench.py $(DIR_ARGS) --utkface $(call q,$(UTKFACE_DIR))
 
-bench-train:  ## torch training throughput, AgeNet batch 50, fp32 and bf16
+bench-train:  ## torch training throughput, AgeNet batch 50 and the joint net batch 64, fp32 and bf16
 	$(py) scripts/bench_train.py --net age --batch 50 --threads 2 --json bench/train_speed.json
+	$(py) scripts/bench_train.py --net joint --batch 64 --threads 2 --json bench/train_speed_joint.json
 
 bench-dataset:  ## time the dataset build (images/s, output size)
 	$(py) -m dataset.bench --utkface $(call q,$(UTKFACE_DIR)) --race $(RACE)
