@@ -18,8 +18,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
-from caffekit import formats, graph
+from caffekit import formats, graph, solver as solver_lib, training
 from caffekit.proto import caffe_pb2
 
 import oracle  # tests/oracle.py: runs the real Caffe
@@ -50,7 +51,9 @@ LOSS_RTOL = 1e-3        # the issue's bar
 # small), and torch vs torch itself from initial weights perturbed by 1e-7 relative <= 3.8e-2:
 # the same noise floor. Deliberate semantic errors in the trainer give >= 0.19 (momentum in
 # torch's form 0.19-0.40, bias lr_mult 1 0.50, decoupled weight decay 0.85, decayed biases
-# 1e4) while some of them move the loss by less than the 1e-3 bar (bias lr_mult 1: 2e-4).
+# 1e4) while some of them move the loss by less than the 1e-3 bar (bias lr_mult 1: 2e-4);
+# test_weight_check_fails_a_deliberately_wrong_trainer checks that each of them, and no
+# momentum or no weight decay at all, stays above the bar (GenderNet, inv: 0.27 to 2e4).
 WEIGHT_RTOL = 0.1
 NETS = {"age_net": "age", "gender_net": "gender"}
 
@@ -123,11 +126,31 @@ def relative_weight_diffs(init, caffe, torch):
     return diffs
 
 
+@pytest.fixture(scope="module")
+def caffe_runs(caffe_oracle, fidelity_data, tmp_path_factory):
+    """``run(net_name, policy)``: (folder, Caffe's log, initial weights) of `caffe train` on one case, run once."""
+    runs = {}
+
+    def run(net_name, policy):
+        if (net_name, policy) not in runs:
+            folder = tmp_path_factory.mktemp(f"{net_name}_{policy}")
+            init = write_run_files(folder, fidelity_data, net_name, policy)
+            log = oracle.caffe_train_from(caffe_oracle, folder / "solver.prototxt", folder, folder / "init.caffemodel")
+            runs[net_name, policy] = folder, log, init
+        return runs[net_name, policy]
+
+    return run
+
+
+def caffe_weights(folder, net_name):
+    """The weights of <folder>/<net_name>_iter_20.caffemodel."""
+    return graph.read_weights(formats.read_caffemodel(folder / f"{net_name}_iter_{ITERS}.caffemodel"))
+
+
 @pytest.mark.parametrize("net_name, policy", CASES)
-def test_torch_trainer_follows_caffe(caffe_oracle, fidelity_data, tmp_path, net_name, policy):
-    init = write_run_files(tmp_path, fidelity_data, net_name, policy)
-    log = oracle.caffe_train_from(caffe_oracle, tmp_path / "solver.prototxt", tmp_path, tmp_path / "init.caffemodel")
-    rows = run_torch_trainer(tmp_path, fidelity_data, net_name)
+def test_torch_trainer_follows_caffe(caffe_runs, fidelity_data, net_name, policy):
+    folder, log, init = caffe_runs(net_name, policy)
+    rows = run_torch_trainer(folder, fidelity_data, net_name)
 
     with oracle.shown_on_failure("caffe train log", log):
         caffe_losses = {i: out["loss"] for i, out in oracle.parse_train_outputs(log).items() if "loss" in out}
@@ -153,10 +176,8 @@ def test_torch_trainer_follows_caffe(caffe_oracle, fidelity_data, tmp_path, net_
             assert ours == pytest.approx(caffe_tests[i]["loss"], rel=LOSS_RTOL)
             assert float(rows[i]["test_accuracy"]) == pytest.approx(caffe_tests[i]["accuracy"], abs=1e-6)
 
-        caffe_weights = graph.read_weights(formats.read_caffemodel(tmp_path / f"{net_name}_iter_{ITERS}.caffemodel"))
-        torch_weights = graph.read_weights(formats.read_caffemodel(
-            tmp_path / "torch" / net_name / f"{net_name}_iter_{ITERS}.caffemodel"))
-        diffs = relative_weight_diffs(init, caffe_weights, torch_weights)
+        torch_weights = caffe_weights(folder / "torch" / net_name, net_name)
+        diffs = relative_weight_diffs(init, caffe_weights(folder, net_name), torch_weights)
         print("weights after 20 iterations, |torch - caffe| / |caffe - init|: "
               + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
         assert max(diffs.values()) < WEIGHT_RTOL, diffs
@@ -188,3 +209,85 @@ def test_train_py_caffe_backend_matches_torch_backend(caffe_oracle, fidelity_dat
     for i in range(iters):
         assert float(caffe_rows[i]["smoothed_loss"]) == pytest.approx(caffe_losses[i], rel=1e-5)
         assert float(torch_rows[i]["loss"]) == pytest.approx(caffe_losses[i], rel=LOSS_RTOL)
+
+
+# ---------------------------------------------------------------- the check catches wrong trainers
+class TorchMomentum(solver_lib.SgdSolver):
+    """torch.optim.SGD's momentum: history = momentum * history + grad; w -= rate * lr_mult * history
+    (the same as Caffe's while the rate is constant, not when it changes)."""
+
+    @torch.no_grad()
+    def apply_update(self):
+        rate, self.current_step = solver_lib.learning_rate(self.param, self.iter, self.current_step)
+        for i, p in enumerate(self.params):
+            grad = p.grad.float() + self.param.weight_decay * self.decay_mults[i] * p.float()
+            self.history[i].mul_(self.param.momentum).add_(grad)
+            p.sub_(rate * self.lr_mults[i] * self.history[i])
+            p.grad = None
+        return rate
+
+
+class DecoupledDecay(solver_lib.SgdSolver):
+    """Weight decay applied to the weights directly (as AdamW), outside the momentum history."""
+
+    def __init__(self, param, params, lr_mults, decay_mults):
+        self.decay = param.weight_decay
+        super().__init__(without(param, weight_decay=0), params, lr_mults, decay_mults)
+
+    @torch.no_grad()
+    def apply_update(self):
+        rate = self.rate()
+        shrink = [rate * lr * self.decay * decay * p.detach().clone()
+                  for p, lr, decay in zip(self.params, self.lr_mults, self.decay_mults)]
+        super().apply_update()
+        for p, step in zip(self.params, shrink):
+            p.sub_(step)
+        return rate
+
+
+def without(param, **fields):
+    changed = caffe_pb2.SolverParameter()
+    changed.CopyFrom(param)
+    for name, value in fields.items():
+        setattr(changed, name, value)
+    return changed
+
+
+def variant(**changes):
+    """The real solver with its solver fields or per-blob multipliers replaced."""
+    class Variant(solver_lib.SgdSolver):
+        def __init__(self, param, params, lr_mults, decay_mults):
+            lr_mults = [changes.get("lr_mult", m) for m in lr_mults]
+            decay_mults = [changes.get("decay_mult", m) for m in decay_mults]
+            fields = {k: v for k, v in changes.items() if k in ("momentum", "weight_decay")}
+            super().__init__(without(param, **fields), params, lr_mults, decay_mults)
+    return Variant
+
+
+WRONG_SOLVERS = {
+    "momentum in torch's form": TorchMomentum,
+    "decoupled weight decay": DecoupledDecay,
+    "lr_mult ignored (bias lr_mult 1)": variant(lr_mult=1),
+    "decay_mult ignored (biases decayed)": variant(decay_mult=1),
+    "no momentum": variant(momentum=0),
+    "no weight decay": variant(weight_decay=0),
+}
+WRONG_CASE = ("gender_net", "inv")  # the rate changes every iteration, which torch's momentum form gets wrong
+
+
+@pytest.mark.parametrize("wrong", WRONG_SOLVERS)
+def test_weight_check_fails_a_deliberately_wrong_trainer(caffe_runs, fidelity_data, tmp_path, monkeypatch, wrong):
+    """The 0.1 bar on the weights after 20 iterations tells a wrong update rule apart (some keep the loss within
+    its bar): each wrong rule, swapped into the torch trainer, fails it on a case where the real one passes
+    (test_torch_trainer_follows_caffe, same files)."""
+    net_name, policy = WRONG_CASE
+    assert WRONG_CASE in CASES
+    folder, _, init = caffe_runs(net_name, policy)
+    monkeypatch.setattr(solver_lib, "SgdSolver", WRONG_SOLVERS[wrong])
+    config = training.RunConfig(net=net_name, solver=str(folder / "solver.prototxt"), data_dir=str(fidelity_data),
+                                models_dir=str(tmp_path), weights=str(folder / "init.caffemodel"), precision="fp32")
+    training.train_torch(config, progress=False)
+    diffs = relative_weight_diffs(init, caffe_weights(folder, net_name), caffe_weights(tmp_path / net_name, net_name))
+    worst = max(diffs.values())
+    print(f"{wrong}: max |torch - caffe| / |caffe - init| = {worst:.2g}")
+    assert worst > WEIGHT_RTOL
