@@ -31,41 +31,41 @@ def _remove(path: Path) -> None:
 LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
 
 
-def _process_exists(pid: int) -> bool:
+def _dead(pid: int) -> bool:
+    """Whether no process ``pid`` exists."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
         return True
-    return True
+    except (PermissionError, OverflowError):  # another user's process; no pid at all
+        pass
+    return False
 
 
-def remove_stale_temporaries(folder) -> list:
-    """Remove the temporaries that dead processes left in ``folder``, one line on stderr for each;
-    returns their paths. A live writer's temporaries (this process's included) are kept. An old
-    folder whose target is missing was moved aside just before the kill: it is put back, not lost."""
+def remove_stale_temporaries(folder) -> None:
+    """Remove the temporaries that dead processes left in ``folder``, with one line on stderr each. A live
+    writer's are kept, this process's included. An old folder whose target is missing was moved aside just
+    before the kill: it is put back, not lost."""
     folder = Path(folder)
     try:
         names = sorted(os.listdir(folder))
     except OSError:
-        return []
-    removed = []
+        return
     for name in names:
         match = LEFTOVER.match(name)
-        pid = int(match["pid"]) if match else 0
-        if pid <= 0 or pid == os.getpid() or _process_exists(pid):
+        if not match or int(match["pid"]) == os.getpid() or not _dead(int(match["pid"])):
             continue
-        path, target = folder / name, folder / match["target"]
-        if match["kind"] == "old" and not os.path.lexists(target):
-            os.replace(path, target)
-            print(f"restored {target} from {name}, left by process {pid}, which was killed while replacing it",
-                  file=sys.stderr)
+        path, target, pid = folder / name, folder / match["target"], match["pid"]
+        try:
+            if match["kind"] == "old" and not os.path.lexists(target):
+                os.replace(path, target)
+                print(f"restored {target} from {name}, left by process {pid}, which was killed while "
+                      "replacing it", file=sys.stderr)
+            else:
+                _remove(path)
+                print(f"removed {path}: a temporary left by process {pid}, which no longer runs", file=sys.stderr)
+        except OSError:  # another run cleaning up at the same time got there first
             continue
-        _remove(path)
-        removed.append(path)
-        print(f"removed {path}: a temporary left by process {pid}, which no longer runs", file=sys.stderr)
-    return removed
 
 
 @contextlib.contextmanager

@@ -108,7 +108,7 @@ def test_temporaries_of_live_processes_and_other_hidden_files_are_kept(tmp_path,
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         kept = [f".being_written.tmp-{sleeper.pid}", f".mine.tmp-{os.getpid()}", ".notes.tmp-abc", ".tmp-1",
-                ".bashrc", f"visible.tmp-{dead_pid()}"]
+                ".bashrc", f"visible.tmp-{dead_pid()}", ".group.tmp-0", f".huge.tmp-{2 ** 70}"]
         for name in kept:
             (tmp_path / name).write_text("keep")
         atomic.write_text(tmp_path / "new.txt", "new\n")
