@@ -1,0 +1,69 @@
+"""What `make dataset` writes for the joint net: its image LMDB (age in years as the label) and a label LMDB
+of genders in the same key order, its mean at its own size, the infogain matrix and the test CSV."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from caffekit import formats, models
+from caffekit.lmdb_data import LmdbSource
+from dataset import build
+
+import oracle
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, utkface_dir):
+    faces = tmp_path_factory.mktemp("faces")
+    for path in oracle.face_files(utkface_dir, 120, seed=3):
+        os.symlink(path, faces / path.name)
+    out = tmp_path_factory.mktemp("built") / "data"
+    build.build(faces, out, race="all", size=48, test_fraction=0.25, seed=1, progress=False, joint_size=40)
+    return out
+
+
+def records(path):
+    source = LmdbSource(path)
+    try:
+        return [(key.decode(), *source.image_label(i)) for i, key in enumerate(source.keys)]
+    finally:
+        source.close()
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_joint_lmdbs_pair_each_image_with_its_age_in_years_and_its_gender(built, split):
+    images = records(built / "lmdb" / f"joint_{split}_lmdb")
+    genders = records(built / "lmdb" / f"joint_{split}_gender_lmdb")
+    age_net = records(built / "lmdb" / f"age_{split}_lmdb")
+    assert [r[0] for r in images] == [r[0] for r in genders] == [r[0] for r in age_net]  # one key order
+    for (key, image, age), (_, pixel, gender) in zip(images, genders):
+        name = key.split("_", 1)[1].split("~")[0]
+        true_age, true_gender = (int(v) for v in name.split("_")[:2])
+        assert image.shape == (3, 40, 40)
+        assert age == min(true_age, models.AGE_YEARS_MAX)
+        assert gender == true_gender and pixel.shape == (1, 1, 1) and pixel[0, 0, 0] == true_gender
+
+
+def test_joint_mean_infogain_and_test_csv(built):
+    mean = formats.read_mean(built / "joint_mean.binaryproto")
+    assert mean.shape == (3, 40, 40) and 40 < mean.mean() < 220
+    infogain = formats.read_blob(built / "joint_infogain.binaryproto").reshape(101, 101)
+    np.testing.assert_allclose(infogain.sum(axis=1), 1.0, rtol=1e-5)
+    assert infogain[30].argmax() == 30 and infogain[30, 28] == pytest.approx(infogain[30, 32])
+    assert infogain[30, 32] / infogain[30, 30] == pytest.approx(np.exp(-0.5), rel=1e-4)  # sigma 2 years
+    with open(built / "joint_test.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    keys = [r[0] for r in records(built / "lmdb" / "joint_test_lmdb")]
+    assert [row["key"] for row in rows] == keys
+    assert all(int(row["label"]) == min(int(row["age"]), 100) for row in rows)
+
+
+def test_manifest_counts_the_joint_heads_for_the_prior_correction(built):
+    classes = json.loads((built / "manifest.json").read_text())["classes"]
+    age, gender = classes["joint_age"], classes["joint_gender"]
+    assert len(age["train"]) == 101 and len(gender["train"]) == 2
+    assert sum(age["train"]) == sum(classes["age"]["train"])
+    assert sum(age["train_oversampled"]) == sum(classes["age"]["train_oversampled"])  # the age net's plan
+    assert gender["train"] == classes["gender"]["train"]
