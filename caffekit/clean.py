@@ -15,10 +15,11 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from caffekit import models
 from caffekit.errors import KitError, cli
 
 DEMO_MARKER = ".agegender-kit-demo"
-NETS = ("age_net", "gender_net")
+NETS = tuple(model.name for model in models.MODELS.values())  # the folders training and compiling write
 MANIFEST_KEYS = {"config", "outputs", "classes"}  # what every manifest.json of dataset.build holds
 
 

@@ -96,10 +96,11 @@ def test_clean_deletes_a_models_folder_laid_out_as_training_and_compiling_leave_
     from caffekit import training
 
     models = tmp_path / "models"
-    for out in ("pretrain/age_net", "age_net", "gender_net"):  # the two stages write config.json first
+    for out in ("pretrain/age_net", "age_net", "gender_net", "joint_net"):  # training writes config.json first
         training.write_config(training.RunConfig(net=Path(out).name, solver="solver.prototxt", data_dir="data",
                                                  models_dir=str(models), out_dir=str(models / out)))
-    (models / "ir" / "age_net" / "FP16").mkdir(parents=True)
+    for net in ("age_net", "joint_net"):
+        (models / "ir" / net / "FP16").mkdir(parents=True)
     result = clean(models)
     assert result.returncode == 0, result.stderr
     assert not models.exists() and result.stdout.splitlines() == [f"removed {models} (models)"]

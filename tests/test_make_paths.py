@@ -26,6 +26,8 @@ EXPECTED = {
     "train-age": [PY, "it's data", "my models", "my solver.prototxt", "my run_iter_2.solverstate",
                   "it's data/pretrain"],
     "train-gender": [PY, "it's data", "my models", "my solver.prototxt", "it's data/pretrain"],
+    "train-joint": [PY, "it's data", "my models", "my solver.prototxt", "it's data/pretrain"],
+    "test-joint": [PY, "it's data", "my models", "my weights.caffemodel"],
     "evaluate": [PY, "it's data", "my models", "my weights.caffemodel"],
     "compile-ncs": [PY, "it's data", "my models", "my weights.caffemodel"],
     "compile-int8": [PY, "it's data", "my models", "my weights.caffemodel"],
