@@ -21,7 +21,7 @@ from caffekit.errors import KitError, cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_ITERATIONS = 40  # per net: enough for the loss to fall, short enough for CI
-DEMO_ENTRIES = {DEMO_MARKER, "faces", "data", "models", "annotated.png"}  # all that the demo writes
+DEMO_ENTRIES = {DEMO_MARKER, "faces", "data", "models", "annotated.png", "annotated_pair.png"}  # all it writes
 
 
 def run_stage(title: str, args) -> None:
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         faces = out / "faces"
         run_stage("generate the smoke set", [py, "-m", "dataset.demo", "--out", faces])
     run_stage("dataset", [py, "-m", "dataset.build", "--utkface", faces, "--out", data, "--race", "asian"])
-    for net in ("age", "gender"):
+    for net in ("age", "gender", "joint"):
         run_stage(f"train {net}", [py, "scripts/train.py", "--net", net, "--backend", "torch",
                                    "--data-dir", data, "--models-dir", models, "--max-iter", args.iterations])
         run_stage(f"evaluate {net}", [py, "scripts/evaluate.py", "--net", net,
@@ -81,8 +81,12 @@ def main(argv=None) -> None:
               [py, "scripts/compile_ir.py", "--net", "all", "--data-dir", data, "--models-dir", models,
                "--precision", "FP16", "FP32"])
     image = first_test_image(faces)
-    run_stage("edge runner", [py, "edge/run_inference.py", "--models", models / "ir", "--device", "CPU",
-                              "--image", image, "--no-detect", "--output", out / "annotated.png"])
+    run_stage("edge runner, joint net (one request per face)",
+              [py, "edge/run_inference.py", "--models", models / "ir", "--device", "CPU", "--image", image,
+               "--no-detect", "--output", out / "annotated.png"])
+    run_stage("edge runner, AgeNet + GenderNet", [py, "edge/run_inference.py", "--models", models / "ir",
+                                                  "--model", "pair", "--device", "CPU", "--image", image,
+                                                  "--no-detect", "--output", out / "annotated_pair.png"])
     print(f"\ndemo finished: everything is in {out}; annotated face: {out / 'annotated.png'}")
 
 

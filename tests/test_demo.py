@@ -21,7 +21,7 @@ def test_demo_runs_every_stage(tmp_path):
     out = tmp_path / "demo"
     result = run_demo(out, "--iterations", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for net in ("age_net", "gender_net"):
+    for net in ("age_net", "gender_net", "joint_net"):
         assert (out / "models" / net / f"{net}_iter_2.caffemodel").is_file()
         report = json.loads((out / "models" / net / "eval" / "report.json").read_text())
         # The evaluation ran through OpenCV on the newest snapshot (the prior-corrected copy, written last)
@@ -29,15 +29,20 @@ def test_demo_runs_every_stage(tmp_path):
         assert Path(report["weights"]) == out / "models" / net / f"{net}_prior_iter_2.caffemodel"
         test_records = len((out / "data" / f"{net[:-4]}_test.csv").read_text().splitlines()) - 1
         for protocol in ("centre", "10crop"):
-            scores = report["protocols"][protocol]
-            confusion = np.array(scores["confusion_matrix"])
-            assert scores["count"] == confusion.sum() == test_records > 0
-            assert scores["correct"] == np.trace(confusion)
+            heads = report["protocols"][protocol]
+            for scores in ([heads["age"], heads["gender"]] if net == "joint_net" else [heads]):
+                confusion = np.array(scores["confusion_matrix"])
+                assert scores["count"] == confusion.sum() == test_records > 0
+                assert scores["correct"] == np.trace(confusion)
         for precision in ("FP16", "FP32"):
             assert (out / "models" / "ir" / net / precision / f"{net}.xml").is_file()
-    annotated = cv2.imread(str(out / "annotated.png"))
-    assert annotated is not None and annotated.shape[0] >= 200
-    assert "age " in result.stdout and "demo finished" in result.stdout
+    for name in ("annotated.png", "annotated_pair.png"):
+        annotated = cv2.imread(str(out / name))
+        assert annotated is not None and annotated.shape[0] >= 200
+    # One line per face from each runner: the joint net's, then the pair's.
+    faces = [line for line in result.stdout.splitlines() if ": face 1 at " in line and " years, " in line]
+    assert len(faces) == 2, result.stdout[-2000:]
+    assert "demo finished" in result.stdout
 
     cleaned = subprocess.run([sys.executable, "-m", "caffekit.clean", str(out)], capture_output=True, text=True)
     assert cleaned.returncode == 0 and cleaned.stdout == f"removed {out} (demo)\n" and not out.exists()
