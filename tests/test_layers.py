@@ -81,3 +81,15 @@ def test_batch_norm_and_scale_fold_into_the_convolutions(tmp_path):
         ours = model({"data": torch.from_numpy(image.transpose(2, 0, 1)[None].astype(np.float32) - mean)})
     for name in ("age_bins", "age_years", "gender"):
         np.testing.assert_allclose(ir[name], ours[name].numpy().reshape(1, -1), rtol=1e-3, atol=1e-4)
+
+
+def test_net_cost_counts_agenet_as_published_and_keeps_the_joint_net_in_budget():
+    """AgeNet's 0.71 G multiply-adds and 11.4 M parameters are known (design notes); the joint net's
+    budget is 0.2 G and 3 M for both tasks."""
+    from caffekit.cost import net_cost
+
+    age = net_cost(REPO / "caffe_models" / "age_net" / "deploy.prototxt")
+    assert round(age["macs"] / 1e9, 2) == 0.71 and round(age["params"] / 1e6, 1) == 11.4
+    joint = net_cost(REPO / "caffe_models" / "joint_net" / "deploy.prototxt")
+    assert joint["macs"] <= 0.2e9 and joint["params"] <= 3e6
+    assert joint["macs"] * 10 < age["macs"]
