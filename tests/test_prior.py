@@ -87,3 +87,47 @@ def test_bad_manifest_is_a_one_line_error_and_writes_nothing(case, tmp_path):
     for word in words:
         assert word in str(error.value)
     assert not out.exists()
+
+
+def test_joint_net_gets_each_heads_prior_and_its_fixed_layers(tmp_path):
+    """Both classifiers shifted by their own counts (years nobody in the train split had get the lowest
+    shift), and age_bins / age_years written so OpenCV gives the three outputs from deploy.prototxt."""
+    import torch
+
+    from caffekit import models, torchnet
+
+    deploy = cf.REPO / "caffe_models" / "joint_net" / "deploy.prototxt"
+    net = formats.read_net(deploy)
+    weights = torchnet.CaffeNet(net, graph.TEST, {"data": (1, 3, 64, 64)}, seed=1).weights()
+    for name, blobs in weights.items():
+        if name.endswith("_bn"):
+            blobs[1][:], blobs[2][:] = 1.0, 1.0
+    layers = [layer for layer in graph.net_layers(net, graph.TEST) if layer.name not in models.model("joint").fixed_layers]
+    raw = tmp_path / "joint_net_iter_5.caffemodel"
+    formats.write_caffemodel(raw, graph.weights_to_model("JointNet", layers, {k: v for k, v in weights.items()
+                                                                            if k not in ("age_bins", "age_years")}))
+    years = np.zeros(101)
+    years[[1, 2, 25, 30]] = [50, 30, 100, 20]
+    years_over = years.copy()
+    years_over[[25, 30]] = [100, 100]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"classes": {
+        "joint_age": {"train": years.tolist(), "train_oversampled": years_over.tolist()},
+        "joint_gender": {"train": [300, 100], "train_oversampled": [300, 300]}}}))
+    out = prior.corrected_name(raw)
+    shifts = prior.correct(raw, manifest, "joint", out)
+    assert set(shifts) == {"age_fc", "gender_fc"}
+    np.testing.assert_allclose(shifts["gender_fc"], [0, np.log(1 / 3)], atol=1e-12)
+    age = shifts["age_fc"]
+    assert age[25] == pytest.approx(0) and age[30] == pytest.approx(np.log(20 / 100)) and age[0] == age.min() == age[99]
+    opencv = cv2.dnn.readNetFromCaffe(str(deploy), str(out))
+    image = np.random.default_rng(0).normal(0, 40, (1, 3, 64, 64)).astype(np.float32)
+    opencv.setInput(image)
+    bins, mean_age, gender = opencv.forward(["age_bins", "age_years", "gender"])
+    model = torchnet.CaffeNet(net, graph.TEST, {"data": (1, 3, 64, 64)})
+    model.load_weights(graph.read_weights(formats.read_caffemodel(out)), str(out), require_all=True)
+    with torch.no_grad():
+        probs = model({"data": torch.from_numpy(image)})["age_prob"].numpy()
+    np.testing.assert_allclose(bins, probs @ models.age_bin_matrix().T, atol=1e-5)
+    np.testing.assert_allclose(mean_age, probs @ np.arange(101)[:, None], rtol=1e-4)
+    assert gender.shape == (1, 2)
