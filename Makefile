@@ -40,10 +40,10 @@ py = $(call q,$(PY))
 RACES := asian white black indian others all
 BACKENDS := auto torch caffe docker
 NETS := age gender joint all
-# Pre-train on all races, then fine-tune on RACE: the default unless PRETRAIN=0 or RACE=all (nothing to add);
-# INIT_WEIGHTS= replaces stage 1 with weights of your own.
+# `make dataset` builds the all-races pre-training set in PRETRAIN_DIR unless PRETRAIN=0 or RACE=all (nothing
+# to add). Training decides for itself (scripts/train.py): it pre-trains where DATA_DIR/pretrain holds that
+# set; PRETRAIN=0 asks for one stage, INIT_WEIGHTS= starts from weights of your own instead of stage 1.
 USE_PRETRAIN = $(and $(filter 1,$(PRETRAIN)),$(filter-out all,$(RACE)))
-TRAIN_PRETRAIN = $(if $(INIT_WEIGHTS),,$(USE_PRETRAIN))
 $(if $(filter $(RACE),$(RACES)),,$(error RACE=$(RACE): expected one of $(RACES)))
 $(if $(filter $(BACKEND),$(BACKENDS)),,$(error BACKEND=$(BACKEND): expected one of $(BACKENDS)))
 $(if $(filter $(NET),$(NETS)),,$(error NET=$(NET): expected one of $(NETS)))
@@ -54,7 +54,9 @@ TRAIN_ARGS = --backend $(BACKEND) $(DIR_ARGS) \
              $(if $(SOLVER),--solver $(call q,$(SOLVER))) $(if $(RESUME),--resume $(call q,$(RESUME))) \
              $(if $(INIT_WEIGHTS),--weights $(call q,$(INIT_WEIGHTS))) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \
              $(if $(PRECISION),--precision $(PRECISION)) \
-             $(if $(TRAIN_PRETRAIN),--pretrain-data $(call q,$(PRETRAIN_DIR))) $(if $(filter 0,$(PRIOR)),--no-prior)
+             $(if $(filter 0,$(PRETRAIN)),--no-pretrain) \
+             $(if $(filter-out file default,$(origin PRETRAIN_DIR)),--pretrain-data $(call q,$(PRETRAIN_DIR))) \
+             $(if $(filter 0,$(PRIOR)),--no-prior)
 EVAL_ARGS  = $(DIR_ARGS) $(if $(WEIGHTS),--weights $(call q,$(WEIGHTS)))
 IR_ARGS    = --net $(NET) $(EVAL_ARGS)
 

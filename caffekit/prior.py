@@ -18,6 +18,7 @@ import numpy as np
 from caffekit import formats, models
 from caffekit.errors import KitError
 from caffekit.proto import caffe_pb2
+from caffekit.snapshots import parse_snapshot_name, snapshot_name
 
 
 def class_counts(manifest_path, task: str):
@@ -104,5 +105,8 @@ def finished_copy(weights_path, out_path, net: str) -> None:
 def corrected_name(snapshot: Path, kind: str = "prior") -> Path:
     """age_net_iter_800.caffemodel -> age_net_prior_iter_800.caffemodel (still a *_iter_N snapshot name, so
     evaluation and compilation take it as the newest)."""
-    prefix, iteration = snapshot.name[:-len(".caffemodel")].rsplit("_iter_", 1)
-    return snapshot.with_name(f"{prefix}_{kind}_iter_{iteration}.caffemodel")
+    parsed = parse_snapshot_name(snapshot)
+    if parsed is None:
+        raise KitError(f"{snapshot}: not a snapshot name (<prefix>_iter_<N>.caffemodel)")
+    prefix, iteration = parsed
+    return snapshot_name(prefix, iteration, kind)

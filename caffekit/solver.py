@@ -12,7 +12,7 @@ decoupled), and biases with decay_mult 0 are not decayed.
 """
 import math
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 import torch
@@ -173,13 +173,3 @@ def read_solverstate(path) -> caffe_pb2.SolverState:
     except ValueError as exc:
         raise KitError(f"{path}: not a valid solverstate ({exc})") from None
     return state
-
-
-def snapshot_paths(prefix, iteration: int) -> Tuple[Path, Path]:
-    """Caffe's file names: <prefix>_iter_<N>.caffemodel and .solverstate."""
-    base = f"{prefix}_iter_{iteration}"
-    return Path(base + ".caffemodel"), Path(base + ".solverstate")
-
-
-def history_shapes(state: caffe_pb2.SolverState) -> List[Tuple[int, ...]]:
-    return [tuple(formats.blob_to_array(b).shape) for b in state.history]

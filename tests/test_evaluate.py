@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from caffekit import evaluation, formats, tasks, training
+from caffekit.backends.torch import TorchBackend
 from caffekit.proto import caffe_pb2
 from train_fixtures import REPO, make_dataset, small_solver
 
@@ -69,7 +70,7 @@ def model(tmp_path_factory):
                               max_iter=0, snapshot_prefix=f'"{net}"')
         config = training.RunConfig(net=net, solver=str(solver), data_dir=str(data),
                                     models_dir=str(work / "models"), precision="fp32")
-        training.train_torch(config, progress=False)
+        TorchBackend(progress=False).train(config)
     return {"data": data, "models": work / "models"}
 
 

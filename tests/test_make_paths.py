@@ -23,10 +23,9 @@ EXPECTED = {
     "dataset": [PY, "my faces", "it's data", "it's data/pretrain", "it's data/splits/test.txt"],
     "dataset-val": [PY, "it's data/val", "it's data/val/pretrain", "it's data/splits/test.txt",
                     "it's data/val/splits/test.txt"],
-    "train-age": [PY, "it's data", "my models", "my solver.prototxt", "my run_iter_2.solverstate",
-                  "it's data/pretrain"],
-    "train-gender": [PY, "it's data", "my models", "my solver.prototxt", "it's data/pretrain"],
-    "train-joint": [PY, "it's data", "my models", "my solver.prototxt", "it's data/pretrain"],
+    "train-age": [PY, "it's data", "my models", "my solver.prototxt", "my run_iter_2.solverstate"],
+    "train-gender": [PY, "it's data", "my models", "my solver.prototxt"],
+    "train-joint": [PY, "it's data", "my models", "my solver.prototxt"],
     "test-joint": [PY, "it's data", "my models", "my weights.caffemodel"],
     "evaluate": [PY, "it's data", "my models", "my weights.caffemodel"],
     "compile-ncs": [PY, "it's data", "my models", "my weights.caffemodel"],
@@ -52,6 +51,19 @@ def test_target_passes_paths_with_spaces_and_quotes_as_single_words(target):
     words = shlex.split(result.stdout)  # as the shell splits the recipe
     missing = [value for value in EXPECTED[target] if value not in words]
     assert not missing, result.stdout
+
+
+@pytest.mark.parametrize("target", ["train-age", "train-gender", "train-joint"])
+def test_train_targets_leave_the_stages_to_train_py_unless_asked(target):
+    """By default `make train-*` is `scripts/train.py --net *` on the folders: the script finds the pre-training
+    set itself. PRETRAIN=0, PRETRAIN_DIR= and INIT_WEIGHTS= each become the script's own option."""
+    words = shlex.split(make("-n", target).stdout)
+    assert words[words.index("--net") + 2:] == ["--backend", "auto", "--data-dir", "data", "--models-dir", "models"]
+    assert "--no-pretrain" in shlex.split(make("-n", target, "PRETRAIN=0").stdout)
+    words = shlex.split(make("-n", target, "PRETRAIN_DIR=my pre-training set").stdout)
+    assert words[words.index("--pretrain-data") + 1] == "my pre-training set"
+    words = shlex.split(make("-n", target, "INIT_WEIGHTS=my weights.caffemodel").stdout)
+    assert words[words.index("--weights") + 1] == "my weights.caffemodel" and "--pretrain-data" not in words
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from caffekit import formats, graph, solver as solver_lib, training
+from caffekit.backends.torch import TorchBackend
 from caffekit.proto import caffe_pb2
 
 import oracle  # tests/oracle.py: runs the real Caffe
@@ -286,7 +287,7 @@ def test_weight_check_fails_a_deliberately_wrong_trainer(caffe_runs, fidelity_da
     monkeypatch.setattr(solver_lib, "SgdSolver", WRONG_SOLVERS[wrong])
     config = training.RunConfig(net=net_name, solver=str(folder / "solver.prototxt"), data_dir=str(fidelity_data),
                                 models_dir=str(tmp_path), weights=str(folder / "init.caffemodel"), precision="fp32")
-    training.train_torch(config, progress=False)
+    TorchBackend(progress=False).train(config)
     diffs = relative_weight_diffs(init, caffe_weights(folder, net_name), caffe_weights(tmp_path / net_name, net_name))
     worst = max(diffs.values())
     print(f"{wrong}: max |torch - caffe| / |caffe - init| = {worst:.2g}")

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from caffekit import formats, graph, solver as solver_lib, torchnet, training
+from caffekit import formats, graph, hardware, solver as solver_lib, stages, torchnet, training
+from caffekit.backends.torch import TorchBackend
+from caffekit.estimate import TIMED, WARMUP, ScheduleEstimate, format_duration
 from caffekit.errors import KitError
 from caffekit.proto import caffe_pb2
 from train_fixtures import REPO, make_dataset, small_net, small_solver
@@ -43,7 +45,7 @@ def run(dataset, tmp_path_factory):
                           test_iter=2, test_interval=15, display=5, random_seed=7)
     config = training.RunConfig(net="age_net", solver=str(solver), data_dir=str(dataset),
                                 models_dir=str(work / "models"), precision="fp32")
-    result = training.train_torch(config, progress=False)
+    result = TorchBackend(progress=False).train(config)
     return {"work": work, "solver": solver, "out": work / "models" / "age_net", "result": result,
             "data": dataset}
 
@@ -51,7 +53,7 @@ def run(dataset, tmp_path_factory):
 @pytest.mark.slow
 def test_short_run_learns_and_writes_caffe_outputs(run):
     out = run["out"]
-    assert run["result"].iterations == ITERS
+    assert run["result"] == out / f"age_net_iter_{ITERS}.caffemodel"
     for name in ("age_net_iter_15.caffemodel", "age_net_iter_15.solverstate", "age_net_iter_30.caffemodel",
                  "age_net_iter_30.solverstate", "train_log.csv", "learning_curve.png", "config.json",
                  "solver.prototxt", "train_val.prototxt"):
@@ -98,8 +100,8 @@ def test_resume_continues_and_equals_uninterrupted_run(run, tmp_path):
     config = training.RunConfig(net="age_net", solver=str(run["solver"]), data_dir=str(run["data"]),
                                 models_dir=str(tmp_path), precision="fp32",
                                 resume=str(run["out"] / "age_net_iter_15.solverstate"))
-    result = training.train_torch(config, progress=False)
-    assert result.iterations == ITERS
+    result = TorchBackend(progress=False).train(config)
+    assert result == tmp_path / "age_net" / f"age_net_iter_{ITERS}.caffemodel"
     assert not (tmp_path / "age_net" / "age_net_iter_15.caffemodel").exists()  # started at 15
     resumed = graph.read_weights(formats.read_caffemodel(tmp_path / "age_net" / "age_net_iter_30.caffemodel"))
     straight = graph.read_weights(formats.read_caffemodel(run["out"] / "age_net_iter_30.caffemodel"))
@@ -322,11 +324,17 @@ def test_cli_truncated_solverstate(tiny):
 
 @pytest.mark.slow
 def test_pretrain_then_finetune_the_default_two_stages(dataset, tmp_path):
-    """`make train-gender`'s default: stage 1 (solver_pretrain) on the pre-training set, stage 2
-    (solver_finetune) from stage 1's final snapshot; a second run skips the finished stage 1."""
+    """`make train-gender`'s default, with no option asking for it: stage 1 (solver_pretrain) on the
+    pre-training set in DATA_DIR/pretrain, stage 2 (solver_finetune) from stage 1's final snapshot;
+    a second run skips the finished stage 1."""
+    data = tmp_path / "data"
+    (data / "pretrain").mkdir(parents=True)
+    for folder in (data, data / "pretrain"):  # both sets the same faces: the stages are what is tested
+        for name in ("lmdb", "mean.binaryproto"):
+            (folder / name).symlink_to(dataset / name)
+    (data / "pretrain" / "manifest.json").write_text(json.dumps({"config": {"race": "all"}}))
     models = tmp_path / "models"
-    args = ["--net", "gender", "--pretrain-data", dataset, "--data-dir", dataset, "--models-dir", models,
-            "--max-iter", "2"]
+    args = ["--net", "gender", "--data-dir", data, "--models-dir", models, "--max-iter", "2"]
     first = run_cli(*args)
     assert first.returncode == 0, first.stderr
     stage1, stage2 = models / "pretrain" / "gender_net", models / "gender_net"
@@ -346,6 +354,26 @@ def test_pretrain_then_finetune_the_default_two_stages(dataset, tmp_path):
     second = run_cli(*args)
     assert second.returncode == 0, second.stderr
     assert "stage 1 done earlier" in second.stderr and digest(stage1) == before
+
+
+def test_pretraining_is_the_default_where_make_dataset_built_its_set(tmp_path):
+    data = tmp_path / "data"
+
+    def choice(**options):
+        return stages.pretraining_set(stages.Options(net="age", data_dir=str(data), **options))
+
+    pretrain, why_not = choice()
+    assert pretrain is None and f"no pre-training set in {data / 'pretrain'}" in why_not
+    (data / "pretrain" / "lmdb").mkdir(parents=True)
+    assert choice()[0] is None  # LMDBs without a manifest: a build that did not finish
+    (data / "pretrain" / "manifest.json").write_text(json.dumps({"config": {"race": "all"}}))
+    assert choice() == (data / "pretrain", "")
+    assert choice(no_pretrain=True) == (None, "--no-pretrain")
+    assert choice(weights="mine.caffemodel") == (None, "--weights gives the starting weights")
+    assert choice(pretrain_data="elsewhere") == (Path("elsewhere"), "")
+    (data / "manifest.json").write_text(json.dumps({"config": {"race": "all"}}))
+    pretrain, why_not = choice()  # RACE=all: the pre-training set there is an older build's
+    assert pretrain is None and "all races" in why_not
 
 
 def test_final_snapshot_gets_a_prior_corrected_copy_that_is_the_newest(tiny, tmp_path):
@@ -412,6 +440,47 @@ def test_ctrl_c_snapshots_then_resume_continues(tiny, tmp_path):
                    "--resume", snapshots[0], "--max-iter", stopped_at + 3)
     assert proc.returncode == 0, proc.stderr
     assert (models / "age_net" / f"age_net_iter_{stopped_at + 3}.caffemodel").is_file()
+
+
+def test_schedule_estimate_arithmetic():
+    estimate = ScheduleEstimate(1000, later_iterations=200, later_name="stage 2", warmup=3, timed=4)
+    # Three slow warm-up iterations (not timed), then four of 1 s each.
+    lines = [estimate.iteration_done(now) for now in (0.0, 5.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0)]
+    assert lines[:6] == [None] * 6 and lines[7] is None
+    assert estimate.seconds_per_iteration == 1.0
+    assert estimate.total_seconds() == 1200.0  # 1,000 + 200 iterations at 1 s
+    assert estimate.remaining_seconds() == 1192.0  # 8 done now; the line was given after 7 (1,193 s left)
+    assert lines[6] == ("estimate from 4 timed iterations (after 3 warm-up): 1 s/iteration; the whole schedule, "
+                        "1,200 iterations (1,000 of this stage + 200 of stage 2), takes about 20 min 00 s "
+                        "(19 min 53 s left)")
+    assert [format_duration(s) for s in (44.6, 200, 7500)] == ["45 s", "3 min 20 s", "2 h 05 min"]
+
+
+def test_precision_choice_says_why(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f avx512_vnni\n\n"
+                       "processor\t: 1\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    cpu = hardware.read_cpu(cpuinfo)
+    assert cpu.summary() == "Test CPU 9000 (AVX2, AVX-512, VNNI; no AVX512-BF16, AMX)"
+    device = torch.device("cpu")
+    assert hardware.choose_precision("auto", device, cpu) == \
+        ("fp32", "fp32: no AVX512-BF16/AMX, bf16 would be emulated (auto)")
+    assert hardware.choose_precision("fp32", device, cpu) == ("fp32", "fp32 (--precision)")
+    assert hardware.choose_precision("bf16", device, cpu)[1] == \
+        "bf16 autocast (--precision; no AVX512-BF16/AMX: emulated, slower than fp32)"
+
+
+def test_cli_says_what_it_runs_on_and_how_long_the_schedule_takes(tiny, tmp_path):
+    iterations = WARMUP + TIMED + 2
+    solver = small_solver(tmp_path / "solver.prototxt", net=str(tiny["net"]), max_iter=iterations, display=0)
+    proc = run_cli("--net", "age", "--data-dir", tiny["data"], "--models-dir", tmp_path / "m", "--solver", solver,
+                   "--precision", "fp32")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"cpu: {hardware.read_cpu().summary()}; {torch.get_num_threads()} threads; fp32 (--precision)"
+    estimate = [line for line in lines if line.startswith(f"estimate from {TIMED} timed iterations")]
+    assert len(estimate) == 1 and f"the whole schedule, {iterations} iterations (this stage), takes about" in \
+        estimate[0], proc.stdout
 
 
 @pytest.mark.oracle
