@@ -68,11 +68,12 @@ def compile_net(key: str, args) -> None:
         meta = openvino_ir.quantize_int8(net, entry, mean_file, ir_root, args.data_dir,
                                          progress=lambda line: print("  " + line))
         q = meta["int8"]
-        print(f"  INT8: {openvino_ir.ir_paths(ir_root, net_name, 'INT8')['xml']}  test accuracy "
-              f"{100 * q['int8_accuracy']:.1f}% vs FP32 {100 * q['fp32_accuracy']:.1f}% "
-              f"(loss {q['accuracy_loss_points']:.2f} points on {q['test_images']} images, "
-              f"{100 * q['agreement_with_fp32']:.1f}% same class) [{time.perf_counter() - start:.1f} s]")
-        if q["accuracy_loss_points"] > 1.0:
+        for name, head in q["heads"].items():
+            print(f"  INT8: {openvino_ir.ir_paths(ir_root, net_name, 'INT8')['xml']}  {name} test accuracy "
+                  f"{100 * head['int8_accuracy']:.1f}% vs FP32 {100 * head['fp32_accuracy']:.1f}% "
+                  f"(loss {head['accuracy_loss_points']:.2f} points on {q['test_images']} images, "
+                  f"{100 * head['agreement_with_fp32']:.1f}% same class) [{time.perf_counter() - start:.1f} s]")
+        if max(head["accuracy_loss_points"] for head in q["heads"].values()) > 1.0:
             print(f"  warning: INT8 loses more than 1 point of test accuracy", file=sys.stderr)
 
 
