@@ -24,7 +24,9 @@ class Head(NamedTuple):
 
 
 class Prior(NamedTuple):
-    """A classifier whose bias the prior correction shifts, and the manifest class counts it uses."""
+    """A classifier whose bias the prior correction shifts, and the manifest class counts it uses. Only a
+    head whose own classes the oversampling balanced gets one: Bayes' rule undoes a change of the label
+    prior, and oversampling by age bin is no such change for gender (a face's copies keep its gender)."""
     layer: str
     classes: str                 # key in the dataset manifest's "classes"
 
@@ -78,7 +80,7 @@ MODELS: Dict[str, Model] = {
     "joint": Model("joint", "joint_net",
                    (Head("age_bins", "age", tuple(AGE_LABELS)), Head("age_years", "age_years"),
                     Head("gender", "gender", tuple(GENDER_LABELS))),
-                   "joint", (Prior("age_fc", "joint_age"), Prior("gender_fc", "joint_gender")),
+                   "joint", (Prior("age_fc", "joint_age"),),
                    mean_file="joint_mean.binaryproto",
                    fixed_layers={"age_bins": lambda: [age_bin_matrix()],
                                  "age_years": lambda: [age_year_values()]}),
