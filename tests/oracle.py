@@ -228,6 +228,19 @@ def face_files(utkface_dir: Path, count: int, seed: int = 0) -> List[Path]:
     return [files[i] for i in picks]
 
 
+def built_dataset(utkface_dir: Path, root: Path, count: int, seed: int, **options) -> Path:
+    """``root/data``: a real dataset.build of ``count`` UTKFace faces (linked into ``root/faces``), all races."""
+    from dataset import build
+
+    faces = Path(root) / "faces"
+    faces.mkdir(parents=True)
+    for path in face_files(utkface_dir, count, seed=seed):
+        os.symlink(path, faces / path.name)
+    out = Path(root) / "data"
+    build.build(faces, out, race="all", seed=1, progress=False, **options)
+    return out
+
+
 def load_faces(files: Sequence[Path], size: int, task: str = "age"):
     """(uint8 N x 3 x size x size BGR images, int labels) of UTKFace files."""
     images, labels = [], []

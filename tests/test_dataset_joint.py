@@ -2,26 +2,20 @@
 of genders in the same key order, its mean at its own size, the infogain matrix and the test CSV."""
 import csv
 import json
-import os
 
 import numpy as np
 import pytest
 
 from caffekit import formats, models
 from caffekit.lmdb_data import LmdbSource
-from dataset import build
 
 import oracle
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, utkface_dir):
-    faces = tmp_path_factory.mktemp("faces")
-    for path in oracle.face_files(utkface_dir, 120, seed=3):
-        os.symlink(path, faces / path.name)
-    out = tmp_path_factory.mktemp("built") / "data"
-    build.build(faces, out, race="all", size=48, test_fraction=0.25, seed=1, progress=False, joint_size=40)
-    return out
+    return oracle.built_dataset(utkface_dir, tmp_path_factory.mktemp("built"), 120, seed=3, size=48,
+                                test_fraction=0.25, joint_size=40)
 
 
 def records(path):

@@ -7,7 +7,6 @@ needed for the step-for-step run) serves every test.
 """
 import csv
 import os
-import shutil
 import subprocess
 import sys
 
@@ -16,8 +15,6 @@ import pytest
 import torch
 
 from caffekit import formats, graph, prior, torchnet
-from caffekit.proto import caffe_pb2
-from dataset import build
 
 import oracle  # tests/oracle.py: runs the real Caffe
 
@@ -34,12 +31,8 @@ WEIGHT_RTOL = 0.1  # as for the Levi & Hassner nets (tests/test_oracle_trainer.p
 @pytest.fixture(scope="module")
 def joint_data(tmp_path_factory, utkface_dir):
     """A real `make dataset` output of 160 faces, joint images at 64 px."""
-    faces = tmp_path_factory.mktemp("joint_faces")
-    for path in oracle.face_files(utkface_dir, 160, seed=7):
-        os.symlink(path, faces / path.name)
-    out = tmp_path_factory.mktemp("joint_data") / "data"
-    build.build(faces, out, race="all", size=64, test_fraction=0.2, seed=1, progress=False, joint_size=64)
-    return out
+    return oracle.built_dataset(utkface_dir, tmp_path_factory.mktemp("joint_data"), 160, seed=7, size=64,
+                                test_fraction=0.2, joint_size=64)
 
 
 def write_train_val(folder, data, crop_size, mirror, dropout_ratio):
