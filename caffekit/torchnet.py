@@ -12,7 +12,6 @@ from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from caffekit import formats, graph, layers as layer_table

@@ -74,7 +74,7 @@ def compile_net(key: str, args) -> None:
                   f"(loss {head['accuracy_loss_points']:.2f} points on {q['test_images']} images, "
                   f"{100 * head['agreement_with_fp32']:.1f}% same class) [{time.perf_counter() - start:.1f} s]")
         if max(head["accuracy_loss_points"] for head in q["heads"].values()) > 1.0:
-            print(f"  warning: INT8 loses more than 1 point of test accuracy", file=sys.stderr)
+            print("  warning: INT8 loses more than 1 point of test accuracy", file=sys.stderr)
 
 
 @cli

@@ -10,7 +10,7 @@ import pytest
 
 import caffe_fixtures as cf
 from caffekit import models as models_registry
-from caffekit import formats, graph, openvino_ir, tasks
+from caffekit import formats, openvino_ir, tasks
 from caffekit.errors import KitError
 
 REPO = Path(__file__).resolve().parents[1]
