@@ -29,6 +29,7 @@ class Prior(NamedTuple):
     prior, and oversampling by age bin is no such change for gender (a face's copies keep its gender)."""
     layer: str
     classes: str                 # key in the dataset manifest's "classes"
+    unseen_classes: bool = False  # one class a year: some years have no train face (they get the lowest shift)
 
 
 class Model(NamedTuple):
@@ -80,7 +81,7 @@ MODELS: Dict[str, Model] = {
     "joint": Model("joint", "joint_net",
                    (Head("age_bins", "age", tuple(AGE_LABELS)), Head("age_years", "age_years"),
                     Head("gender", "gender", tuple(GENDER_LABELS))),
-                   "joint", (Prior("age_fc", "joint_age"),),
+                   "joint", (Prior("age_fc", "joint_age", unseen_classes=True),),
                    mean_file="joint_mean.binaryproto",
                    fixed_layers={"age_bins": lambda: [age_bin_matrix()],
                                  "age_years": lambda: [age_year_values()]}),
