@@ -71,7 +71,8 @@ def correct(weights_path, manifest_path, net: str, out_path) -> Dict[str, np.nda
     for head_prior in entry.priors:
         layer = classifier_layer(model, str(weights_path), head_prior.layer)
         bias = formats.blob_to_array(layer.blobs[1])
-        shift = log_prior_ratio(*class_counts(manifest_path, head_prior.classes), allow_empty=head_prior.unseen_classes)
+        counts = class_counts(manifest_path, head_prior.classes)
+        shift = log_prior_ratio(*counts, allow_empty=head_prior.unseen_classes)
         if bias.size != shift.size:
             raise KitError(f"{weights_path}: {layer.name} has {bias.size} outputs, {manifest_path} has "
                            f"{shift.size} {head_prior.classes} classes")
