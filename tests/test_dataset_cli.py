@@ -243,7 +243,8 @@ def test_make_dataset_val_holds_out_the_test_split_then_both_splits():
     the new validation split (the builder's side is tested in test_dataset_build)."""
     if not shutil.which("make"):
         pytest.skip("make is not on PATH")
-    result = subprocess.run(["make", "-n", "dataset-val", "UTKFACE_DIR=faces", "DATA_DIR=d", "PY=python"],
+    result = subprocess.run(["make", "--no-print-directory", "-n", "dataset-val", "UTKFACE_DIR=faces", "DATA_DIR=d",
+                             "PY=python"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     first, second = [shlex.split(line) for line in result.stdout.replace("\\\n", " ").splitlines()]

@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_clean(cwd, **folders):
     # Run from ``cwd`` so that relative folders resolve there, never in the repository.
-    return subprocess.run(["make", "-f", str(REPO / "Makefile"), "clean", f"PY={sys.executable}",
-                           *(f"{name}={value}" for name, value in folders.items())],
+    # --no-print-directory: under `make test` a nested make would print "make[1]: Entering directory" lines.
+    return subprocess.run(["make", "--no-print-directory", "-f", str(REPO / "Makefile"), "clean",
+                           f"PY={sys.executable}", *(f"{name}={value}" for name, value in folders.items())],
                           cwd=cwd, capture_output=True, text=True, timeout=120)
 
 

@@ -41,7 +41,9 @@ EXPECTED = {
 
 
 def make(*args, cwd=REPO):
-    return subprocess.run(["make", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    # --no-print-directory: under `make test` a nested make would print "make[1]: Entering directory" lines.
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.mark.parametrize("target", sorted(EXPECTED))
