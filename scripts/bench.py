@@ -33,7 +33,7 @@ import engines  # noqa: E402
 import face_detection  # noqa: E402
 from model_files import EdgeError, model_files  # noqa: E402
 
-from caffekit import atomic, models, openvino_ir  # noqa: E402
+from caffekit import atomic, hardware, models, openvino_ir  # noqa: E402
 from caffekit.errors import KitError, cli  # noqa: E402
 
 BENCH_IMAGES = 32  # test-LMDB centre crops when the dataset exists, else generated ones
@@ -45,22 +45,8 @@ UTKFACE = REPO.parent / "shared" / "data" / "utkface"
 # (IR, force f32): f32 is the reference the other rows are compared with; the rest run as the runner runs them.
 OPENVINO_CASES = (("FP32", True), ("FP32", False), ("FP16", False), ("INT8", False))
 
-# CPU features that decide which precisions run fast in OpenVINO's CPU plugin.
-FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx_vnni": "AVX-VNNI",
-            "avx512_bf16": "BF16", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
-
-
 def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    name = re.search(r"^model name\s*:(.*)$", text, re.M)
-    flags = re.search(r"^flags\s*:(.*)$", text, re.M)
-    flags = set(flags.group(1).split()) if flags else set()
-    features = [label for flag, label in FEATURES.items() if flag in flags]
-    return (f"{name.group(1).strip() if name else platform.processor() or platform.machine()} "
-            f"({os.cpu_count()} logical cores; {', '.join(features) or 'no AVX2'})")
+    return f"{hardware.read_cpu().summary()}, {os.cpu_count()} logical cores"
 
 
 # ---------------------------------------------------------------- engines

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import random
-import re
 import sys
 import time
 from pathlib import Path
@@ -24,23 +23,18 @@ import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "edge"))  # edge/ modules import each other by bare name
+sys.path[:0] = [str(REPO), str(REPO / "edge")]  # edge/ modules import each other by bare name
 
 import engines  # noqa: E402
+from caffekit import hardware  # noqa: E402  (torch-free: runs in the side venv too)
 from face_detection import net_input  # noqa: E402
 from model_files import model_files  # noqa: E402
 
-FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "BF16", "avx512_vnni": "VNNI",
-            "avx_vnni": "AVX-VNNI", "amx_bf16": "AMX-BF16", "amx_int8": "AMX-INT8"}
 KIT_ROWS = [(nets, precision) for nets in (("joint_net",), ("age_net", "gender_net")) for precision in ("INT8", "FP32")]
 
 
 def cpu_summary():
-    text = Path("/proc/cpuinfo").read_text()
-    name = re.search(r"^model name\s*:(.*)$", text, re.M)
-    flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split())
-    return "{} ({} logical cores; {})".format(name.group(1).strip() if name else "?", os.cpu_count(),
-                                              ", ".join(v for k, v in FEATURES.items() if k in flags) or "no AVX2")
+    return "{}, {} logical cores".format(hardware.read_cpu().summary(), os.cpu_count())
 
 
 def kit_engine(files, properties):
