@@ -13,6 +13,7 @@ RACE        ?= asian
 SIZE        ?= 256
 TEST_FRACTION ?= 0.2
 SEED        ?= 1
+JOINT_PLAN  ?= age
 ENCODED     ?=
 BACKEND     ?= auto
 SOLVER      ?=
@@ -80,7 +81,7 @@ download:  ## fetch and verify the official UTKFace archive into UTKFACE_DIR
 	$(py) -m dataset.download --dest $(call q,$(UTKFACE_DIR))
 
 # The builder with the options every set shares; each target adds --out, --race, --test-fraction, --hold-out.
-BUILD_SET = $(py) -m dataset.build --utkface $(call q,$(UTKFACE_DIR)) --size $(SIZE) --seed $(SEED) $(if $(ENCODED),--encoded)
+BUILD_SET = $(py) -m dataset.build --utkface $(call q,$(UTKFACE_DIR)) --size $(SIZE) --seed $(SEED) --joint-plan $(JOINT_PLAN) $(if $(ENCODED),--encoded)
 
 dataset:  ## UTKFace -> balanced LMDBs + mean.binaryproto in DATA_DIR, and the all-races set in DATA_DIR/pretrain
 	$(BUILD_SET) --out $(call q,$(DATA_DIR)) --race $(RACE) --test-fraction $(TEST_FRACTION)

@@ -40,6 +40,9 @@ from dataset.lmdb_io import value_digest, write_lmdb
 
 TASK_LABELS = {"age": AGE_LABELS, "gender": GENDER_LABELS}
 JOINT_SIZE = 72  # the joint net's LMDB images: random 64 x 64 crops in training, the centre one at test time
+# The joint net's train records: "age" = the age net's plan (every face once, plus flipped/noisy copies until each
+# decade bin matches the largest); "natural" = every train face once, in a seeded order (the prior stays the data's).
+JOINT_PLANS = ("age", "natural")
 
 
 def joint_labels(face) -> Dict[str, int]:
@@ -375,7 +378,7 @@ def write_outputs(out: Path, plans: Dict[str, List[split.Item]], train, test, jo
 
 def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction: float = 0.2, seed: int = 1,
           encoded: bool = False, workers: Optional[int] = None, progress: bool = True,
-          hold_out_lists: Sequence[Path] = (), joint_size: int = JOINT_SIZE) -> dict:
+          hold_out_lists: Sequence[Path] = (), joint_size: int = JOINT_SIZE, joint_plan: str = "age") -> dict:
     """Build every output into ``out``; returns the manifest."""
     folder, out = Path(utkface_dir), Path(out)
     hold_out_lists = [Path(path) for path in hold_out_lists]
@@ -386,6 +389,8 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
         raise KitError(f"size {size}: expected at least 8 pixels")
     if joint_size and joint_size < 8:
         raise KitError(f"joint size {joint_size}: expected 0 (no joint LMDBs) or at least 8 pixels")
+    if joint_plan not in JOINT_PLANS:
+        raise KitError(f"joint plan {joint_plan!r}: expected one of {', '.join(JOINT_PLANS)}")
     if not 0 < test_fraction < 1:
         raise KitError(f"test fraction {test_fraction}: expected a number between 0 and 1")
     workers = workers or min(2, os.cpu_count() or 1)
@@ -423,8 +428,8 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
                           "test": split.class_counts(test, task, len(labels))}
                    for task, labels in TASK_LABELS.items()}
         if joint_size:
-            # The joint net reads the age net's plan (balanced over decade bins) at its own image size.
-            plans["joint_train"], plans["joint_test"] = plans["age_train"], test_items
+            plans["joint_train"] = plans["age_train"] if joint_plan == "age" else split.shuffled(train, seed, stream=3)
+            plans["joint_test"] = test_items
             classes.update(joint_classes(train, plans["joint_train"], test))
 
         # An upper bound of one record (a JPEG of a noisy image stays well under the raw size plus a page).
@@ -437,6 +442,7 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
         manifest = _manifest(folder, out, race, size, test_fraction, seed, encoded, source, candidates, usable,
                              faces, skipped, groups, train, test, classes, held_out)
         manifest["config"]["joint_size"] = joint_size
+        manifest["config"]["joint_plan"] = joint_plan
         write_outputs(out, plans, train, test, jobs, imap, manifest, record_bytes, progress, joint_size)
     return manifest
 
@@ -481,6 +487,9 @@ def build_argparser() -> argparse.ArgumentParser:
                              "the default raw Datums decode back to the exact resized pixels")
     parser.add_argument("--joint-size", default=JOINT_SIZE, type=int,
                         help=f"image size of the joint net's LMDBs (default: {JOINT_SIZE}; 0: no joint LMDBs)")
+    parser.add_argument("--joint-plan", default="age", choices=JOINT_PLANS,
+                        help="the joint net's train records: age = balanced over decade bins like the age net's "
+                             "(default), natural = every train face once")
     parser.add_argument("--hold-out", type=Path, metavar="FILE", nargs="+", default=[],
                         help="leave out the faces named in the FILEs (one per line, e.g. data/splits/test.txt) and "
                              "their byte-identical copies: for a pre-training set that excludes a test split "
@@ -492,7 +501,7 @@ def build_argparser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_argparser().parse_args(argv)
     manifest = build(args.utkface, args.out, args.race, args.size, args.test_fraction, args.seed, args.encoded,
-                     hold_out_lists=args.hold_out, joint_size=args.joint_size)
+                     hold_out_lists=args.hold_out, joint_size=args.joint_size, joint_plan=args.joint_plan)
     print(format_tables({task: table for task, table in manifest["classes"].items() if task in TASK_LABELS}))
     source, duplicates = manifest["source"], manifest["duplicates"]
     print(f"{source['files']} files, {source['selected']} {args.race}, {source['skipped']} skipped, "

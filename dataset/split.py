@@ -111,8 +111,9 @@ def oversample(train: Sequence[Face], task: str, n_classes: int, seed: int) -> L
     return [items[i] for i in rng.permutation(len(items))]
 
 
-def shuffled(faces: Sequence[Face], seed: int) -> List[Item]:
-    """The test records: originals only, in a seeded order (Caffe's test phase may read only a prefix)."""
+def shuffled(faces: Sequence[Face], seed: int, stream: int = 2) -> List[Item]:
+    """Originals only, in a seeded order: the test records (stream 2; Caffe's test phase may read only a
+    prefix) and the joint net's natural train plan (stream 3)."""
     faces = sorted(faces, key=lambda face: face.name)
-    rng = np.random.default_rng([seed, 2])
+    rng = np.random.default_rng([seed, stream])
     return [Item(faces[i], 0) for i in rng.permutation(len(faces))]

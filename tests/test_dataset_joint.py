@@ -61,3 +61,20 @@ def test_manifest_counts_the_joint_heads_for_the_prior_correction(built):
     assert sum(age["train"]) == sum(classes["age"]["train"])
     assert sum(age["train_oversampled"]) == sum(classes["age"]["train_oversampled"])  # the age net's plan
     assert gender["train"] == classes["gender"]["train"]
+
+
+def test_natural_joint_plan_writes_every_train_face_once_with_its_gender(tmp_path, utkface_dir):
+    built = oracle.built_dataset(utkface_dir, tmp_path, 60, seed=3, size=32, test_fraction=0.25, joint_size=24,
+                                 joint_plan="natural")
+    manifest = json.loads((built / "manifest.json").read_text())
+    images = records(built / "lmdb" / "joint_train_lmdb")
+    genders = records(built / "lmdb" / "joint_train_gender_lmdb")
+    names = [key.split("_", 1)[1] for key, _, _ in images]
+    train = (built / "splits" / "train.txt").read_text().split()
+    assert sorted(names) == sorted(train) and len(set(names)) == len(names)  # once each, no augmented copies
+    assert [r[0] for r in genders] == [r[0] for r in images]
+    assert all(pixel[0, 0, 0] == int(name.split("_")[1]) for name, (_, pixel, _) in zip(names, genders))
+    assert manifest["config"]["joint_plan"] == "natural"
+    for head in ("joint_age", "joint_gender"):
+        assert manifest["classes"][head]["train_oversampled"] == manifest["classes"][head]["train"]
+    assert manifest["classes"]["age"]["train_oversampled"] != manifest["classes"]["age"]["train"]  # pair unchanged
