@@ -63,7 +63,7 @@ IR_ARGS    = --net $(NET) $(EVAL_ARGS)
 
 .PHONY: help setup demo download dataset dataset-val train-age train-gender train-joint test-age test-gender \
         test-joint evaluate \
-        compile-ncs compile-int8 run bench bench-dataset bench-train test test-oracle oracle clean
+        compile-ncs compile-int8 detector run bench bench-dataset bench-train test test-oracle oracle clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -117,6 +117,10 @@ evaluate: test-age test-gender  ## both evaluations of the pair
 
 compile-ncs:  ## caffemodel -> OpenVINO IR, FP16 (NCS2) and FP32, in MODELS_DIR/ir (NET=age|gender|joint|all)
 	$(py) scripts/compile_ir.py $(IR_ARGS) --precision FP16 FP32
+	$(py) scripts/build_detector.py --models-dir $(call q,$(MODELS_DIR))
+
+detector:  ## MediaPipe's BlazeFace face detector -> checked IRs in MODELS_DIR/ir/face_detector (compile-ncs runs it too)
+	$(py) scripts/build_detector.py --models-dir $(call q,$(MODELS_DIR))
 
 compile-int8:  ## add INT8 IRs for CPUs (NNCF post-training quantization)
 	$(py) scripts/compile_ir.py $(IR_ARGS) --precision INT8
