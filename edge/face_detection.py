@@ -16,11 +16,21 @@ box sides below the box centre (the cascade box sits high, on eyes and brow). So
 clipped to the frame, resized to 256x256 with the same interpolation as the dataset stage
 (bilinear), and its centre 227x227 crop is what the nets classify, exactly as in training;
 ``--no-detect`` does the same with the whole image as the chip.
+
+BlazeFace (edge/blazeface.py, the default once `make detector` has built it) gives keypoints too:
+each face is then warped into the chip framing by its eyes and mouth (edge/alignment.py), or, with
+--no-align, framed from its box with BlazeFace's own measured chip scale and shift. Haar stays as
+the fallback when no detector was built, and on request (--detector haar).
 """
+import collections
 import os
 
 import cv2
 import numpy as np
+
+from alignment import aligned_chip
+from blazeface import BlazeFace, Detection, TiledBlazeFace, read_detector_json
+from model_files import EdgeError
 
 CASCADE_NAME = "haarcascade_frontalface_default.xml"
 # pip wheels ship the cascades as cv2.data; Debian's python3-opencv (apt, e.g. on a Pi) puts them here.
@@ -31,6 +41,15 @@ CHIP_SHIFT_Y = 0.08   # (chip centre - box centre) / box side, downwards (measur
 DETECT_WIDTH = 320    # detection runs on a copy this wide (or the frame, if narrower)
 MIN_FACE = 30         # smallest face searched for, in pixels of the detection copy (60 px at 640 wide)
 SCALE_STEP = 1.15     # cascade pyramid step: 1.1 finds a few more faces at nearly twice the cost
+DETECTORS = ("auto", "blazeface", "haar")
+# BlazeFace: short range (faces within ~2 m), full range (groups, rooms), tiled (full range + short range on
+# tiles: photos with faces of any size)
+RANGES = ("auto", "short", "full", "tiled")
+
+# How a detection becomes a chip: from its box (scale, shift_y as for Haar above), or, when ``template``
+# is given and the detection has keypoints (named ``keypoint_names``), by alignment onto the template's.
+Framing = collections.namedtuple("Framing", "scale shift_y template keypoint_names")
+HAAR_FRAMING = Framing(CHIP_SCALE, CHIP_SHIFT_Y, None, None)
 
 
 def cascade_path():
@@ -41,7 +60,10 @@ def cascade_path():
     return None
 
 
-class FaceDetector(object):
+class HaarDetector(object):
+    name = "Haar cascade"
+    framing = HAAR_FRAMING
+
     def __init__(self, detect_width=DETECT_WIDTH, min_face=MIN_FACE, scale_step=SCALE_STEP):
         path = cascade_path()
         self.cascade = cv2.CascadeClassifier(path) if path else None
@@ -53,6 +75,10 @@ class FaceDetector(object):
         self.scale_step = scale_step
 
     def detect(self, frame):
+        """[Detection] in frame pixels, largest first (no keypoints, no score)."""
+        return [Detection(box, None, None) for box in self.boxes(frame)]
+
+    def boxes(self, frame):
         """Face boxes (x, y, w, h) in frame pixels, largest first."""
         height, width = frame.shape[:2]
         scale = min(1.0, float(self.detect_width) / width)
@@ -79,16 +105,80 @@ def chip_box(box, frame_shape, scale=CHIP_SCALE, shift_y=CHIP_SHIFT_Y):
     return left, top, max(right - left, 1), max(bottom - top, 1)
 
 
-def net_input(frame, chip, size, training_size):
-    """The chip as the net's input, framed as in training: resized to ``training_size`` (the LMDB images'
-    size, from the IR's JSON), then the centre ``size`` crop (u8 BGR HWC)."""
+class FramedDetector(object):
+    """A BlazeFace detector (one model, or tiled) with the chip framing measured for it."""
+
+    def __init__(self, detector, framing, name):
+        self.detector, self.framing, self.name = detector, framing, name
+
+    def detect(self, frame):
+        return self.detector.detect(frame)
+
+
+def load_detector(models_dir, choice="auto", range_choice="auto", stream=False, openvino=None, align=True):
+    """The face detector the runner uses: BlazeFace when built into ``models_dir`` (``make detector``),
+    else the Haar cascade; ``choice`` "haar" or "blazeface" insists. Range "auto": short range for
+    video and camera (2 ms a frame), "tiled" for photos (faces of any size: 6 ms plus 2 ms a tile).
+    "full" is the full-range model alone. OpenCV cannot read the full-range model's sparse weights:
+    without OpenVINO, "tiled" uses the short-range model on the whole photo too."""
+    if choice == "haar":
+        return HaarDetector()
+    meta = read_detector_json(models_dir)
+    if meta is None:
+        if choice == "blazeface":
+            raise EdgeError("{}: no face detector built (run `make detector`, or use --detector haar)".format(
+                os.path.join(models_dir, "face_detector")))
+        return HaarDetector()
+    engine = "openvino" if openvino is not None else "opencv"
+    if range_choice == "auto":
+        range_choice = "short" if stream else "tiled"
+    if range_choice == "full" and engine == "opencv":
+        raise EdgeError("the full-range detector needs OpenVINO (OpenCV cannot read its sparse weights): "
+                        "use --range short or tiled")
+    template = meta.get("chip_template")
+    if not isinstance(template, dict) or "keypoints" not in template:
+        raise EdgeError("{}: no chip template (rebuild with `make detector`)".format(meta["path"]))
+    short = BlazeFace(meta, "short_range", engine, openvino)
+    framing = Framing(template["box_scale"], template["box_shift_y"], template if align else None,
+                      short.keypoint_names)
+    if range_choice == "short":
+        detector = short
+    else:
+        whole = BlazeFace(meta, "full_range", engine, openvino) if engine == "openvino" else short
+        detector = whole if range_choice == "full" else TiledBlazeFace(whole, short)
+    name = "BlazeFace {} range ({}), {}".format(range_choice, "OpenVINO CPU" if engine == "openvino" else
+                                                "OpenCV tflite", "aligned" if align else "box framing")
+    return FramedDetector(detector, framing, name)
+
+
+def face_chip(frame, detection, side, framing):
+    """The face as a ``side`` x ``side`` UTKFace-like chip (u8 BGR): aligned by its keypoints when the
+    framing has a template and the detection keypoints, else cut around its box."""
+    if framing.template is not None and detection.keypoints is not None:
+        return aligned_chip(frame, detection.keypoints, framing.keypoint_names, framing.template, side)
+    box = chip_box(detection.box, frame.shape, framing.scale, framing.shift_y)
+    return resized_chip(frame, box, side)
+
+
+def resized_chip(frame, chip, side):
+    """The ``chip`` box (x, y, w, h) of the frame resized to ``side`` x ``side`` as the dataset stage did."""
     x, y, w, h = chip
     crop = frame[y:y + h, x:x + w]
     if crop.ndim == 2:
         crop = cv2.cvtColor(crop, cv2.COLOR_GRAY2BGR)
-    resized = cv2.resize(crop, (training_size, training_size), interpolation=cv2.INTER_LINEAR)
-    offset = (training_size - size) // 2
-    return np.ascontiguousarray(resized[offset:offset + size, offset:offset + size])
+    return cv2.resize(crop, (side, side), interpolation=cv2.INTER_LINEAR)
+
+
+def centre_crop(chip, size):
+    """The centre ``size`` x ``size`` of a chip: Caffe's test-phase crop."""
+    offset = (chip.shape[0] - size) // 2
+    return np.ascontiguousarray(chip[offset:offset + size, offset:offset + size])
+
+
+def net_input(frame, chip, size, training_size):
+    """The chip as the net's input, framed as in training: resized to ``training_size`` (the LMDB images'
+    size, from the IR's JSON), then the centre ``size`` crop (u8 BGR HWC)."""
+    return centre_crop(resized_chip(frame, chip, training_size), size)
 
 
 def measure_framing(paths, pad=100):
@@ -97,7 +187,7 @@ def measure_framing(paths, pad=100):
     Each chip is padded with grey so a face touching the chip's border is still found.
     Returns (ratio, shift_y, boxes found, chips tried).
     """
-    detector = FaceDetector(detect_width=10 ** 6, min_face=40)
+    detector = HaarDetector(detect_width=10 ** 6, min_face=40)
     ratios, shifts = [], []
     for path in paths:
         chip = cv2.imread(str(path))
@@ -105,7 +195,7 @@ def measure_framing(paths, pad=100):
             continue
         side = chip.shape[0]
         padded = cv2.copyMakeBorder(chip, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(128, 128, 128))
-        boxes = detector.detect(padded)
+        boxes = detector.boxes(padded)
         if not boxes:
             continue
         x, y, w, h = boxes[0]

@@ -6,6 +6,7 @@
     python edge/run_inference.py --video clip.mp4 --output annotated.mp4
     python edge/run_inference.py --camera 0 --show
     python edge/run_inference.py --image 25_1_2_2017.jpg.chip.jpg --no-detect   # already a face crop
+    python edge/run_inference.py --image group.jpg --save-crops crops/  # what the nets see, one PNG per face
 
 Models: <models>/joint_net/<PRECISION>/joint_net.xml (one request per face answers both tasks; the
 default when compiled), else age_net and gender_net likewise (--model pair|joint chooses), with the
@@ -13,6 +14,15 @@ JSON that scripts/compile_ir.py writes beside them (outputs, labels, input forma
 Without OpenVINO installed the runner uses OpenCV DNN on the caffemodels named in that JSON (CPU only).
 Each face is printed with its age bin, its age in years (the joint net's expected age over the years,
 or the pair's expected age over the bin centres) and its gender.
+
+Faces: BlazeFace (<models>/face_detector/, built by `make detector`) finds faces and their eyes,
+nose and mouth; each face is warped upright into the framing of a UTKFace chip (the nets' training
+images) by its eyes and mouth. Short range (faces within about 2 m) for video and camera, full
+range on the whole photo plus short range on overlapping tiles (groups, small faces) for photos;
+--range chooses. Without a built detector, or with
+--detector haar, OpenCV's Haar cascade finds the faces (no keypoints: framed from the box).
+In a video or camera stream each face keeps an id while it stays in view ("track" in the JSON),
+and its label is the mean of its last frames' probabilities; "raw" holds the frame's own answer.
 
 --output: a file name ending in an image suffix (.jpg .jpeg .png .bmp .webp .tif .tiff) or, for
 a video or camera, a video suffix (.mp4 .avi .mkv .mov); a path without suffix, ending in /, or an
@@ -34,6 +44,7 @@ import argparse
 import collections
 import functools
 import json
+import os
 import signal
 import sys
 import threading
@@ -43,18 +54,25 @@ import cv2
 import numpy as np
 
 from engines import BACKENDS, DEVICES, make_engine
-from face_detection import FaceDetector, chip_box, net_input
+from blazeface import Detection
+from engines import import_openvino
+from face_detection import DETECTORS, RANGES, centre_crop, face_chip, load_detector, resized_chip
+from tracking import Tracker
 from media import OutputTarget, VideoOutput, frame_rate, image_files, open_capture, read_image, write_image
-from model_files import MODEL_CHOICES, PRECISIONS, EdgeError, all_model_files
+from model_files import MODEL_CHOICES, PRECISIONS, EdgeError, all_model_files, find_models_dir
 
 EXIT_OK, EXIT_ERROR, EXIT_NO_FACE, EXIT_INTERRUPTED = 0, 2, 3, 130
 
-Face = collections.namedtuple("Face", "box age age_prob age_years gender gender_prob")
+ANSWER_FIELDS = ("age", "age_prob", "age_years", "gender", "gender_prob")
+# index: 1, 2, ... as printed (and in --save-crops names); track: the face's id across frames (streams);
+# score, keypoints: the detector's; raw: this frame's own answer where the label is smoothed over a track.
+Face = collections.namedtuple("Face", ("index", "box") + ANSWER_FIELDS + ("track", "score", "keypoints", "raw"))
 
 
-def read_face(box, answers):
-    """A Face from the nets' answers, ``[(head, values)]`` (a head as the IR JSON's "outputs" lists it):
-    whichever nets answered, the age bin, the age in years and the gender."""
+def read_answers(answers):
+    """The nets' answers, ``[(head, values)]`` (a head as the IR JSON's "outputs" lists it), as
+    ({"age": bin probabilities, "gender": probabilities, "age_years": [years]}, (age head, gender head)),
+    whichever nets answered."""
     by_task = dict((head["task"], (head, values)) for head, values in answers)
     age_head, age = by_task["age"]
     gender_head, gender = by_task["gender"]
@@ -62,8 +80,16 @@ def read_face(box, answers):
         years = float(by_task["age_years"][1][0])
     else:  # a bin classifier: the expected age over the bin centres (what its MAE measures)
         years = float(np.dot(age, age_head["age_bin_centres"]))
-    return Face(list(box), age_head["labels"][int(np.argmax(age))], float(np.max(age)), round(years, 1),
-                gender_head["labels"][int(np.argmax(gender))], float(np.max(gender)))
+    return {"age": np.asarray(age), "gender": np.asarray(gender), "age_years": np.array([years])}, \
+        (age_head, gender_head)
+
+
+def labelled(values, heads):
+    """The ANSWER_FIELDS of probabilities ``values`` (see read_answers)."""
+    age_head, gender_head = heads
+    age, gender = values["age"], values["gender"]
+    return (age_head["labels"][int(np.argmax(age))], float(np.max(age)), round(float(values["age_years"][0]), 1),
+            gender_head["labels"][int(np.argmax(gender))], float(np.max(gender)))
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -111,6 +137,16 @@ def build_argparser():
     behaviour = parser.add_argument_group("faces and output")
     behaviour.add_argument("--no-detect", action="store_true",
                            help="each input is already a face crop (like UTKFace files)")
+    behaviour.add_argument("--detector", choices=DETECTORS, default="auto",
+                           help="auto: BlazeFace when built (make detector), else OpenCV's Haar cascade")
+    behaviour.add_argument("--range", choices=RANGES, default="auto", dest="detector_range",
+                           help="BlazeFace: short (faces within ~2 m), full (the full-range model: rooms; "
+                                "needs OpenVINO), tiled (the whole photo plus short range on tiles: faces of "
+                                "any size); auto: short for video and camera, tiled for photos")
+    behaviour.add_argument("--no-align", action="store_true",
+                           help="frame faces from their boxes instead of aligning them by eyes and mouth")
+    behaviour.add_argument("--save-crops", metavar="DIR",
+                           help="write each face as the nets receive it: DIR/<input stem>_<face>.png")
     behaviour.add_argument("--json", action="store_true", help="one JSON object per input on stdout")
     behaviour.add_argument("--output", metavar="PATH", help="annotated copy: an image or video file, "
                            "or a folder (no suffix, or ending in /)")
@@ -150,17 +186,34 @@ class CtrlC(object):
 class Job(object):
     """One image or frame on its way through detection and both nets."""
 
-    def __init__(self, index, name, frame, boxes, inputs, started):
-        self.index, self.name, self.frame, self.boxes = index, name, frame, boxes
+    def __init__(self, index, name, frame, detections, inputs, started):
+        self.index, self.name, self.frame, self.detections = index, name, frame, detections
+        self.boxes = [detection.box for detection in detections]
         self.inputs, self.started = inputs, started  # inputs: {net: [one crop per face]}
         self.outputs = {}
         self.remaining = 0
 
-    def faces(self, heads):
-        """``heads``: {net: its heads}; the pair's two nets both call their output "prob"."""
-        return [read_face(box, [(head, self.outputs[net][i][head["name"]]) for net in self.outputs
-                                for head in heads[net]])
-                for i, box in enumerate(self.boxes)]
+    def answers(self, heads):
+        """Per face, read_answers of every net's outputs; ``heads``: {net: its heads} (the pair's two nets
+        both call their output "prob")."""
+        return [read_answers([(head, self.outputs[net][i][head["name"]]) for net in self.outputs
+                              for head in heads[net]])
+                for i in range(len(self.boxes))]
+
+    def faces(self, heads, tracker=None):
+        """The Face records; with a ``tracker`` (streams), each labelled by its track's recent mean."""
+        answers = self.answers(heads)
+        tracked = tracker.update(self.boxes, [values for values, _ in answers]) if tracker is not None else None
+        faces = []
+        for i, (detection, (values, net_heads)) in enumerate(zip(self.detections, answers)):
+            raw = labelled(values, net_heads)
+            track, shown = (None, raw) if tracked is None else (tracked[i][0], labelled(tracked[i][1], net_heads))
+            keypoints = None if detection.keypoints is None else \
+                [[round(float(x), 1), round(float(y), 1)] for x, y in detection.keypoints]
+            faces.append(Face(i + 1, list(detection.box), *shown, track=track,
+                              score=None if detection.score is None else round(float(detection.score), 3),
+                              keypoints=keypoints, raw=None if tracked is None else dict(zip(ANSWER_FIELDS, raw))))
+        return faces
 
 
 class Pipeline(object):
@@ -214,22 +267,26 @@ class Pipeline(object):
 
 def prepare(index, name, frame, detector, engines):
     """A Job: the faces of ``frame`` (or the whole frame with --no-detect) as each net's inputs, framed as
-    its training images were (the IR JSON's training size and input size)."""
+    its training images were: a UTKFace-like chip at the IR JSON's training size (aligned by the
+    keypoints where the detector gives them), then the centre crop of the net's input size."""
     started = time.perf_counter()
     if detector is None:
-        boxes = [(0, 0, frame.shape[1], frame.shape[0])]
-        chips = boxes
+        detections = [Detection((0, 0, frame.shape[1], frame.shape[0]), None, None)]
     else:
-        boxes = detector.detect(frame)
-        chips = [chip_box(box, frame.shape) for box in boxes]
+        detections = detector.detect(frame)
     crops = {}
     inputs = {}
     for net, engine in engines.items():
         framing = (engine.size, engine.training_size)
         if framing not in crops:  # the pair's two nets share one crop
-            crops[framing] = [net_input(frame, chip, engine.size, engine.training_size) for chip in chips]
+            if detector is None:
+                chips = [resized_chip(frame, detections[0].box, engine.training_size)]
+            else:
+                chips = [face_chip(frame, detection, engine.training_size, detector.framing)
+                         for detection in detections]
+            crops[framing] = [centre_crop(chip, engine.size) for chip in chips]
         inputs[net] = crops[framing]
-    return Job(index, name, frame, boxes, inputs, started)
+    return Job(index, name, frame, detections, inputs, started)
 
 
 # ---------------------------------------------------------------- output
@@ -237,15 +294,18 @@ def describe(job, faces):
     if not faces:
         return "{}: no face found".format(job.name)
     lines = []
-    for i, face in enumerate(faces):
+    for face in faces:
         x, y, w, h = face.box
-        lines.append("{}: face {} at x={} y={} w={} h={}: age {} ({:.0%}), {:.0f} years, {} ({:.0%})".format(
-            job.name, i + 1, x, y, w, h, face.age, face.age_prob, face.age_years, face.gender, face.gender_prob))
+        track = "" if face.track is None else " (track {})".format(face.track)
+        lines.append("{}: face {}{} at x={} y={} w={} h={}: age {} ({:.0%}), {:.0f} years, {} ({:.0%})".format(
+            job.name, face.index, track, x, y, w, h, face.age, face.age_prob, face.age_years, face.gender,
+            face.gender_prob))
     return "\n".join(lines)
 
 
 def as_json(job, faces, ms):
-    return json.dumps({"image": job.name, "faces": [f._asdict() for f in faces], "ms": round(ms, 2)})
+    records = [dict((key, value) for key, value in face._asdict().items() if value is not None) for face in faces]
+    return json.dumps({"image": job.name, "faces": records, "ms": round(ms, 2)})
 
 
 def annotate(frame, faces, fps=None):
@@ -255,6 +315,8 @@ def annotate(frame, faces, fps=None):
         colour = (60, 60, 230) if face.gender == "Female" else (230, 140, 40)
         cv2.rectangle(out, (x, y), (x + w, y + h), colour, 2)
         text = "{} {:.0%}, {:.0f} y ({})".format(face.gender, face.gender_prob, face.age_years, face.age)
+        if face.track is not None:
+            text = "#{} {}".format(face.track, text)
         scale = max(0.4, min(1.0, w / 180.0))
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         if tw + 6 > out.shape[1]:  # a face filling a small image: shrink the label to stay readable in full
@@ -287,8 +349,8 @@ def print_error(exc):
 class Reporter(object):
     """Prints each finished job (text or JSON) and writes its annotated copy to ``target``."""
 
-    def __init__(self, args, heads, target):
-        self.args, self.heads, self.target = args, heads, target
+    def __init__(self, args, heads, target, tracker=None):
+        self.args, self.heads, self.target, self.tracker = args, heads, target, tracker
         self.without_face = 0
         self.with_face = 0
         self.failed = 0  # images whose annotated copy could not be written
@@ -301,8 +363,10 @@ class Reporter(object):
             self.report(job, None if fps_since is None else (job.index + 1) / (time.perf_counter() - fps_since))
 
     def report(self, job, fps=None):
-        faces = job.faces(self.heads)
+        faces = job.faces(self.heads, self.tracker)
         ms = 1000 * (time.perf_counter() - job.started)
+        if self.args.save_crops:
+            self.save_crops(job)
         if faces:
             self.with_face += 1
         else:
@@ -314,6 +378,22 @@ class Reporter(object):
                 self.save(job, image)
             if self.args.show and show("age and gender", image):
                 self.stop = True
+
+    def save_crops(self, job):
+        """Each face as the (first) net receives it: <dir>/<input stem>_<face>.png, with the frame number
+        after the stem for a stream."""
+        crops = next(iter(job.inputs.values()))
+        if self.args.video is None and self.args.camera is None:
+            stem = os.path.splitext(os.path.basename(job.name))[0]
+        else:
+            stream = self.args.video if self.args.video is not None else "camera{}".format(self.args.camera)
+            stem = "{}_{:06d}".format(os.path.splitext(os.path.basename(stream))[0], job.index)
+        for i, crop in enumerate(crops):
+            try:
+                write_image(os.path.join(self.args.save_crops, "{}_{}.png".format(stem, i + 1)), crop)
+            except EdgeError as exc:
+                print_error(exc)
+                self.failed += 1
 
     def save(self, job, image):
         if self.args.video is None and self.args.camera is None:
@@ -416,13 +496,17 @@ def main(argv=None):
     target = OutputTarget(args.output, stream, several) if args.output is not None else None
     engines, heads = load_engines(args, "throughput" if several else "latency")
     try:
-        detector = None if args.no_detect else FaceDetector()
+        detector = None if args.no_detect else load_detector(
+            find_models_dir(args.models), args.detector, args.detector_range, stream,
+            import_openvino() if args.engine != "opencv" else None, align=not args.no_align)
     except RuntimeError as exc:
         raise EdgeError("{} (or use --no-detect with face crops)".format(exc))
     if target is not None:
         target.prepare()
+    if args.save_crops:
+        OutputTarget(os.path.join(args.save_crops, ""), stream, True).prepare()
     pipeline = Pipeline(engines)
-    reporter = Reporter(args, heads, target)
+    reporter = Reporter(args, heads, target, Tracker() if stream else None)
     with CtrlC() as ctrl_c:
         try:
             if stream:

@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "edge")]
 
 import engines  # noqa: E402
+import blazeface  # noqa: E402
 import face_detection  # noqa: E402
 from model_files import EdgeError, model_files  # noqa: E402
 
@@ -161,54 +162,76 @@ def row(net, engine, label, model, runs_at, forced, latency_engine, images, sett
 
 
 # ---------------------------------------------------------------- end to end
-def face_video(path: Path, utkface: Path, frames: int):
-    """A 640x480 video: one UTKFace face (170 px) gliding over a smooth background."""
+def face_video(path: Path, utkface: Path, frames: int, faces: int = 1):
+    """A 640x480 video: one UTKFace face (170 px) gliding over a smooth background, or ``faces`` = 4
+    faces (130 px), one gliding in each quarter of the frame."""
     chips = sorted(utkface.glob("*.jpg"))
     if not chips:
         raise KitError(f"{utkface}: no UTKFace images for the end-to-end video")
-    face = cv2.resize(cv2.imread(str(chips[len(chips) // 2])), (170, 170), interpolation=cv2.INTER_AREA)
+    side = 170 if faces == 1 else 130
+    picked = [cv2.resize(cv2.imread(str(chips[len(chips) * (2 * k + 1) // (2 * faces)])), (side, side),
+                         interpolation=cv2.INTER_AREA) for k in range(faces)]
     rng = np.random.default_rng(0)
     background = cv2.resize(rng.integers(40, 220, (4, 5, 3), dtype=np.uint8), (640, 480),
                             interpolation=cv2.INTER_CUBIC)
+    areas = [(0, 0, 640, 480)] if faces == 1 else [(x, y, 320, 240) for y in (0, 240) for x in (0, 320)]
     with atomic.atomic_path(path) as tmp:
         writer = cv2.VideoWriter(str(tmp.with_suffix(".avi")), cv2.VideoWriter_fourcc(*"MJPG"), 25, (640, 480))
         for i in range(frames):
             frame = background.copy()
-            x = int(20 + (640 - 210) * (0.5 + 0.5 * np.sin(i / 15)))
-            y = int(60 + 120 * (0.5 + 0.5 * np.cos(i / 20)))
-            frame[y:y + 170, x:x + 170] = face
+            for k, (face, (ax, ay, aw, ah)) in enumerate(zip(picked, areas)):
+                x = int(ax + 10 + (aw - side - 20) * (0.5 + 0.5 * np.sin(i / 15 + k)))
+                y = int(ay + 10 + (ah - side - 20) * (0.5 + 0.5 * np.cos(i / 20 + k)))
+                frame[y:y + side, x:x + side] = face
             writer.write(frame)
         writer.release()
         os.replace(tmp.with_suffix(".avi"), tmp)
 
 
-def runner_fps(video: Path, ir: Path, precision: str, model: str):
+def runner_fps(video: Path, ir: Path, precision: str, model: str, detector: str = "haar", faces: int = 1):
     result = subprocess.run([sys.executable, str(REPO / "edge" / "run_inference.py"), "--video", str(video),
                              "--models", str(ir), "--precision", precision, "--device", "CPU", "--json",
-                             "--model", model], capture_output=True, text=True, cwd=REPO)
+                             "--model", model, "--detector", detector], capture_output=True, text=True, cwd=REPO)
     if result.returncode not in (0, 3):
         raise KitError(f"edge runner failed on {video}: {result.stderr.strip().splitlines()[-1]}")
     match = re.search(r"(\d+) frames in ([\d.]+) s = ([\d.]+) FPS, ([\d.]+) ms CPU per frame", result.stderr)
-    faces = sum(len(json.loads(line)["faces"]) == 1 for line in result.stdout.splitlines())
-    return {"model": model, "precision": precision, "frames": int(match.group(1)), "fps": float(match.group(3)),
-            "cpu_ms_per_frame": float(match.group(4)), "frames_with_one_face": faces}
+    found = sum(len(json.loads(line)["faces"]) == faces for line in result.stdout.splitlines())
+    return {"model": model, "precision": precision, "detector": detector, "faces": faces,
+            "frames": int(match.group(1)), "fps": float(match.group(3)),
+            "cpu_ms_per_frame": float(match.group(4)), "frames_with_all_faces": found}
 
 
-def detection_ms(video: Path):
-    """The Haar cascade alone on the video's frames: at full 640x480 and at the runner's scale."""
+def detection_ms(video: Path, ir: Path, openvino):
+    """Each detector alone on the video's frames, median ms per frame, with the cost of cutting (or
+    warping) one chip: the Haar cascade at full 640x480 and at the runner's scale, BlazeFace (when
+    built) through OpenVINO and through OpenCV."""
     capture = cv2.VideoCapture(str(video))
     frames = [frame for frame in (capture.read()[1] for _ in range(30)) if frame is not None]
-    out = {}
     full_scale = 640 / face_detection.DETECT_WIDTH  # the same smallest face, in full-size pixels
-    for label, detector in (("full 640x480", face_detection.FaceDetector(
-                                detect_width=640, min_face=int(face_detection.MIN_FACE * full_scale))),
-                            (f"scaled to {face_detection.DETECT_WIDTH} wide", face_detection.FaceDetector())):
-        start = time.perf_counter()
-        for frame in frames:
+    detectors = [("Haar, full 640x480", face_detection.HaarDetector(
+                    detect_width=640, min_face=int(face_detection.MIN_FACE * full_scale))),
+                 (f"Haar, scaled to {face_detection.DETECT_WIDTH} wide", face_detection.HaarDetector())]
+    meta = blazeface.read_detector_json(str(ir))
+    if meta is not None:
+        detectors += [("BlazeFace short range, OpenVINO IR, aligned", face_detection.load_detector(
+                          str(ir), "blazeface", "short", True, openvino)),
+                      ("BlazeFace short range, OpenCV tflite, aligned", face_detection.load_detector(
+                          str(ir), "blazeface", "short", True, None))]
+        if "full_range" in meta["models"]:
+            detectors.append(("BlazeFace full range, OpenVINO IR, aligned", face_detection.load_detector(
+                str(ir), "blazeface", "full", False, openvino)))
+    out = {}
+    for label, detector in detectors:
+        for frame in frames[:3]:
             detector.detect(frame)
-        out[label] = round(1000 * (time.perf_counter() - start) / len(frames), 2)
+        times = []
+        for frame in frames:
+            start = time.perf_counter()
+            for detection in detector.detect(frame)[:1]:
+                face_detection.face_chip(frame, detection, 72, detector.framing)
+            times.append(time.perf_counter() - start)
+        out[label] = round(1000 * float(np.median(times)), 2)
     return out
-
 
 # ---------------------------------------------------------------- report
 def markdown(report) -> str:
@@ -232,17 +255,19 @@ def markdown(report) -> str:
         lines += [f"| {r['models']} | {r['precision']} | {r['requests']} | {r['latency_ms']:.2f} |"
                   for r in report["both_tasks"]]
     if report.get("end_to_end"):
-        lines += ["", "End to end (edge/run_inference.py, CPU, 640x480 video, one face per frame, "
-                  "Haar detection + both nets, async):", "",
-                  "| models | precision | frames | FPS | CPU ms per frame (all threads) | frames with the face found |",
-                  "|---|---|---:|---:|---:|---:|"]
+        lines += ["", "End to end (edge/run_inference.py, CPU, 640x480 video, detection + both tasks, async; "
+                  "BlazeFace: short range, aligned, as the runner picks it for video):", "",
+                  "| models | precision | detector | faces per frame | frames | FPS | CPU ms per frame (all threads) "
+                  "| frames with every face found |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
         for r in report["end_to_end"]:
-            lines.append(f"| {r['model']} | {r['precision']} | {r['frames']} | {r['fps']:.1f} | "
-                         f"{r['cpu_ms_per_frame']:.1f} | {r['frames_with_one_face']} |")
+            lines.append(f"| {r['model']} | {r['precision']} | {r['detector']} | {r['faces']} | {r['frames']} | "
+                         f"{r['fps']:.1f} | {r['cpu_ms_per_frame']:.1f} | {r['frames_with_all_faces']} |")
         lines += ["", f"CPU time per frame depends far less on other load than FPS does; with {os.cpu_count()} "
                   f"cores free, {os.cpu_count()} x 1000 / (CPU ms per frame) is the most frames per second they "
-                  f"could sustain.", "", "Haar cascade alone, ms per frame: " +
-                  ", ".join(f"{k}: {v}" for k, v in report["detection_ms"].items())]
+                  f"could sustain.", "", "Detectors alone (median ms per 640x480 frame, cutting or warping one "
+                  "chip where a face is found):", "", "| detector | ms |", "|---|---:|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in report["detection_ms"].items()]
     if report["notes"]:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
@@ -282,15 +307,21 @@ def main(argv=None) -> None:
         raise KitError(str(exc))
     report["both_tasks"] = both_tasks_rows(report["rows"])
     if args.utkface.is_dir() and any(args.utkface.iterdir()):
-        video = args.out / "e2e_640x480.avi"
-        face_video(video, args.utkface, settings["frames"])
+        videos = {}
+        for faces in (1, 4):
+            videos[faces] = args.out / f"e2e_640x480_{faces}face{'s' if faces > 1 else ''}.avi"
+            face_video(videos[faces], args.utkface, settings["frames"], faces)
         report["end_to_end"] = []
+        detectors = ["haar"] + (["blazeface"] if blazeface.read_detector_json(str(ir)) is not None else [])
         for model, net in (("pair", "age_net"), ("joint", "joint_net")):
             for precision in ("FP16", "INT8"):
-                if openvino_ir.ir_paths(ir, net, precision)["xml"].is_file():
-                    print(f"end to end: {model} {precision}", flush=True)
-                    report["end_to_end"].append(runner_fps(video, ir, precision, model))
-        report["detection_ms"] = detection_ms(video)
+                if not openvino_ir.ir_paths(ir, net, precision)["xml"].is_file():
+                    continue
+                for detector in detectors:
+                    for faces in (1, 4) if precision == "FP16" else (1,):
+                        print(f"end to end: {model} {precision} {detector} {faces} face(s)", flush=True)
+                        report["end_to_end"].append(runner_fps(videos[faces], ir, precision, model, detector, faces))
+        report["detection_ms"] = detection_ms(videos[1], ir, openvino)
         report["notes"].append(f"The runner detects faces on a copy scaled to {face_detection.DETECT_WIDTH} "
                                f"pixels wide (smallest face {face_detection.MIN_FACE} px there, pyramid step "
                                f"{face_detection.SCALE_STEP}): the Haar cascade on the full 640x480 frame costs "

@@ -1,0 +1,168 @@
+"""The runner with BlazeFace (`make detector`): faces in tilted and group photos found, each warped into the
+chip framing the nets were trained on, --save-crops showing exactly that, ids kept across video frames,
+the OpenCV-only fallback, and the Haar cascade when no detector was built."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import caffe_fixtures as cf
+from caffekit import detector, photos
+from caffekit.errors import KitError
+
+REPO = Path(__file__).resolve().parents[1]
+EDGE = REPO / "edge"
+RUNNER = [sys.executable, str(EDGE / "run_inference.py")]
+sys.path.insert(0, str(EDGE))
+
+import face_detection  # noqa: E402
+
+
+def wheel_or_skip():
+    try:
+        return detector.wheel_path()
+    except KitError as exc:
+        pytest.skip(f"the mediapipe wheel is not cached and cannot be downloaded: {exc}")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """models/ir with the pair's IRs (random weights) and the BlazeFace detector built beside them."""
+    wheel = wheel_or_skip()
+    root = tmp_path_factory.mktemp("detector")
+    _, models_dir = cf.make_ir_tree(root)
+    detector.build(models_dir, wheel)
+    return models_dir / "ir"
+
+
+def run(*args):
+    return subprocess.run([*RUNNER, *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def chip_of(utkface_dir, index=40):
+    path = sorted(utkface_dir.glob("*.jpg"))[index]
+    return cv2.imread(str(path)), path
+
+
+def tilted_scene(chip, angle, path):
+    """The chip rotated by ``angle`` degrees and pasted into a 640x480 grey frame."""
+    frame = np.full((480, 640, 3), 90, np.uint8)
+    matrix = cv2.getRotationMatrix2D((100, 100), angle, 1.0)
+    matrix[:, 2] += [300 - 100, 240 - 100]
+    warped = cv2.warpAffine(chip, matrix, (640, 480))
+    mask = cv2.warpAffine(np.full((200, 200), 255, np.uint8), matrix, (640, 480)) > 127
+    frame[mask] = warped[mask]
+    cv2.imwrite(str(path), frame)
+    return path
+
+
+def correlation(a, b):
+    a, b = (np.asarray(x, np.float64).ravel() for x in (a, b))
+    a, b = a - a.mean(), b - b.mean()
+    return float(a.dot(b) / np.sqrt(a.dot(a) * b.dot(b)))
+
+
+def test_a_tilted_face_is_found_and_warped_back_upright_into_the_chip_framing(models, utkface_dir, tmp_path):
+    chip, _ = chip_of(utkface_dir)
+    scene = tilted_scene(chip, 25, tmp_path / "tilted.png")
+    # What the nets saw in training: the chip resized to the training size, its centre crop.
+    trained = face_detection.net_input(chip, (0, 0, 200, 200), 227, 256)
+    similarity = {}
+    for option in ([], ["--no-align"]):
+        crops = tmp_path / ("crops" + "".join(option))
+        result = run("--models", models, "--image", scene, "--json", "--save-crops", crops, *option)
+        assert result.returncode == 0, result.stderr
+        (face,) = json.loads(result.stdout)["faces"]
+        assert face["index"] == 1 and face["score"] > 0.7 and len(face["keypoints"]) == 6
+        x, y, w, h = face["box"]
+        assert abs(x + w / 2 - 300) < 30 and abs(y + h / 2 - 240) < 30
+        crop = cv2.imread(str(crops / "tilted_1.png"))
+        assert crop.shape == trained.shape  # exactly what the nets receive
+        similarity[bool(option)] = correlation(crop, trained)
+    # Aligned: close to the upright chip (0.71 here; the rotated chip's corners are background now); the box
+    # alone keeps the tilt (0.36).
+    assert similarity[False] > 0.6 and similarity[False] > similarity[True] + 0.2, similarity
+
+
+def test_haar_is_the_fallback_without_a_built_detector_and_blazeface_then_says_how_to_build(utkface_dir, tmp_path):
+    _, models_dir = cf.make_ir_tree(tmp_path)
+    _, chip_path = chip_of(utkface_dir)
+    scene = tmp_path / "upright.png"
+    frame = np.full((480, 640, 3), 90, np.uint8)
+    frame[140:340, 200:400] = cv2.imread(str(chip_path))
+    cv2.imwrite(str(scene), frame)
+    result = run("--models", models_dir / "ir", "--image", scene, "--json")
+    assert result.returncode == 0, result.stderr
+    (face,) = json.loads(result.stdout)["faces"]
+    assert "keypoints" not in face and "score" not in face  # the cascade gives neither
+    refused = run("--models", models_dir / "ir", "--image", scene, "--detector", "blazeface")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "make detector" in refused.stderr
+
+
+@pytest.mark.parametrize("photo", photos.PHOTOS, ids=lambda p: p.name)
+def test_every_face_of_a_real_group_photo_is_found(models, photo, tmp_path):
+    try:
+        path = photos.fetch(photo)
+    except KitError as exc:
+        pytest.skip(f"{photo.name}: cannot fetch it from {photo.requirement}: {exc}")
+    result = run("--models", models, "--image", path, "--json", "--save-crops", tmp_path)
+    assert result.returncode == 0, result.stderr
+    faces = json.loads(result.stdout)["faces"]
+    assert len(faces) == photo.faces, [f["box"] for f in faces]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{path.stem}_{face['index']}.png" for face in faces)
+
+
+def test_the_opencv_only_runner_detects_with_the_tflite_model(models, utkface_dir, tmp_path):
+    """A device with numpy and OpenCV alone: BlazeFace short range through cv2.dnn.readNetFromTFLite."""
+    chip, _ = chip_of(utkface_dir)
+    scene = tilted_scene(chip, -20, tmp_path / "tilted.png")
+    answers = {}
+    for engine in ("openvino", "opencv"):
+        result = run("--models", models, "--image", scene, "--json", "--engine", engine, "--range", "short",
+                     "--precision", "FP32")
+        assert result.returncode == 0, result.stderr
+        (face,) = json.loads(result.stdout)["faces"]
+        answers[engine] = face
+    assert answers["openvino"]["box"] == answers["opencv"]["box"]
+    np.testing.assert_allclose(answers["openvino"]["keypoints"], answers["opencv"]["keypoints"], atol=0.5)
+    refused = run("--models", models, "--image", scene, "--engine", "opencv", "--range", "full")
+    assert refused.returncode == 2 and "needs OpenVINO" in refused.stderr
+
+
+def test_a_face_moving_through_a_video_keeps_one_track_id(models, utkface_dir, tmp_path):
+    chip, _ = chip_of(utkface_dir)
+    clip = tmp_path / "walk.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 25, (640, 480))
+    for i in range(12):
+        frame = np.full((480, 640, 3), 90, np.uint8)
+        frame[140:340, 40 + 25 * i:240 + 25 * i] = chip
+        writer.write(frame)
+    writer.release()
+    result = run("--models", models, "--video", clip, "--json", "--save-crops", tmp_path / "crops")
+    assert result.returncode == 0, result.stderr
+    frames = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(frames) == 12 and all(len(f["faces"]) == 1 for f in frames)
+    assert {f["faces"][0]["track"] for f in frames} == {1}
+    for f in frames:  # the label shown is the track's mean; the frame's own answer stays beside it
+        face = f["faces"][0]
+        assert set(face["raw"]) == {"age", "age_prob", "age_years", "gender", "gender_prob"}
+    first, last = frames[0]["faces"][0], frames[-1]["faces"][0]
+    assert first["age_prob"] == pytest.approx(first["raw"]["age_prob"])  # one frame: the mean is itself
+    assert last["box"][0] > first["box"][0] + 200
+    assert sorted(p.name for p in (tmp_path / "crops").iterdir()) == [f"walk_{i:06d}_1.png" for i in range(12)]
+
+
+def test_save_crops_into_a_path_that_is_a_file_is_one_error_line(models, utkface_dir, tmp_path):
+    chip, _ = chip_of(utkface_dir)
+    scene = tilted_scene(chip, 0, tmp_path / "scene.png")
+    blocker = tmp_path / "not a folder"
+    blocker.write_text("x")
+    result = run("--models", models, "--image", scene, "--save-crops", blocker / "crops")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is a file" in result.stderr
+    shutil.rmtree(tmp_path / "crops", ignore_errors=True)
