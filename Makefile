@@ -63,7 +63,7 @@ IR_ARGS    = --net $(NET) $(EVAL_ARGS)
 
 .PHONY: help setup demo download dataset dataset-val train-age train-gender train-joint test-age test-gender \
         test-joint evaluate \
-        compile-ncs compile-int8 detector run bench bench-dataset bench-train test test-oracle oracle clean
+        compile-ncs compile-int8 detector run bench bench-robustness bench-dataset bench-train test test-oracle oracle clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -130,8 +130,12 @@ run:  ## the edge runner on IMAGE=... or VIDEO=... (DEVICE=, default MYRIAD when
 	$(py) edge/run_inference.py --models $(call q,$(MODELS_DIR)/ir) --model $(MODEL) $(if $(DEVICE),--device $(DEVICE)) \
 	  $(if $(IMAGE),--image $(call q,$(IMAGE))) $(if $(VIDEO),--video $(call q,$(VIDEO)))
 
-bench:  ## latency and throughput of every engine, both nets, and the end-to-end runner
+bench:  ## latency and throughput of every engine, both nets, each detector, the end-to-end runner; then bench-robustness
 	$(py) scripts/bench.py $(DIR_ARGS) --utkface $(call q,$(UTKFACE_DIR))
+	$(py) scripts/robustness.py $(DIR_ARGS) --utkface $(call q,$(UTKFACE_DIR))
+
+bench-robustness:  ## faces found and accuracy per detector on the test faces tilted, scaled and pasted into frames
+	$(py) scripts/robustness.py $(DIR_ARGS) --utkface $(call q,$(UTKFACE_DIR))
 
 bench-train:  ## torch training throughput, AgeNet batch 50 and the joint net batch 64, fp32 and bf16
 	$(py) scripts/bench_train.py --net age --batch 50 --threads 2 --json bench/train_speed.json

@@ -479,8 +479,9 @@ def run_stream(args, pipeline, reporter, detector, engines, ctrl_c):
     elapsed = time.perf_counter() - start
     cpu_ms = 1000 * (time.process_time() - cpu_start) / frames
     in_flight = max(getattr(engine, "requests_in_flight", 1) for engine in engines.values())
-    print("{}: {} frames in {:.1f} s = {:.1f} FPS, {:.1f} ms CPU per frame (detection and {}, {} requests "
+    print("{}: {} frames in {:.1f} s = {:.1f} FPS, {:.1f} ms CPU per frame ({} and {}, {} requests "
           "in flight per net, {})".format(name, frames, elapsed, frames / elapsed, cpu_ms,
+                                          detector.name if detector is not None else "no detection",
                                           " + ".join(e.files.net for e in engines.values()), in_flight,
                                           next(iter(engines.values())).name), file=sys.stderr)
     return EXIT_OK if reporter.with_face else EXIT_NO_FACE

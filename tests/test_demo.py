@@ -36,12 +36,14 @@ def test_demo_runs_every_stage(tmp_path):
                 assert scores["correct"] == np.trace(confusion)
         for precision in ("FP16", "FP32"):
             assert (out / "models" / "ir" / net / precision / f"{net}.xml").is_file()
-    for name in ("annotated.png", "annotated_pair.png"):
+    for name in ("annotated.png", "annotated_pair.png", "annotated_group.png"):
         annotated = cv2.imread(str(out / name))
         assert annotated is not None and annotated.shape[0] >= 200
-    # One line per face from each runner: the joint net's, then the pair's.
+    # A line for face 1 from each runner: the joint net's, the pair's (--no-detect), then the group photo's,
+    # where BlazeFace finds all six faces and --save-crops writes what the nets saw of each.
     faces = [line for line in result.stdout.splitlines() if ": face 1 at " in line and " years, " in line]
-    assert len(faces) == 2, result.stdout[-2000:]
+    assert len(faces) == 3, result.stdout[-2000:]
+    assert len(list((out / "crops").glob("insightface_t1_*.png"))) == 6
     assert "demo finished" in result.stdout
 
     cleaned = subprocess.run([sys.executable, "-m", "caffekit.clean", str(out)], capture_output=True, text=True)

@@ -166,3 +166,18 @@ def test_save_crops_into_a_path_that_is_a_file_is_one_error_line(models, utkface
     result = run("--models", models, "--image", scene, "--save-crops", blocker / "crops")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is a file" in result.stderr
     shutil.rmtree(tmp_path / "crops", ignore_errors=True)
+
+
+def test_the_chip_template_matches_a_fresh_measurement_on_utkface(models, utkface_dir):
+    """edge/alignment.py's CHIP_TEMPLATE (written into face_detector.json) against BlazeFace run again on
+    other UTKFace chips than those it was measured on."""
+    import alignment
+    import blazeface
+
+    chips = sorted(utkface_dir.glob("*.jpg"))[::97][:60]
+    measured, found, tried = alignment.measure_template(
+        chips, blazeface.BlazeFace(blazeface.read_detector_json(str(models)), "short_range", "opencv"))
+    assert found >= 0.95 * tried
+    for name, (x, y) in alignment.CHIP_TEMPLATE["keypoints"].items():
+        assert abs(measured["keypoints"][name][0] - x) < 0.03 and abs(measured["keypoints"][name][1] - y) < 0.03
+    assert abs(measured["box_scale"] - alignment.CHIP_TEMPLATE["box_scale"]) < 0.05

@@ -32,6 +32,8 @@ EXPECTED = {
     "compile-int8": [PY, "it's data", "my models", "my weights.caffemodel"],
     "run": [PY, "my models/ir", "my photo.jpg"],
     "bench": [PY, "it's data", "my models", "my faces"],
+    "bench-robustness": [PY, "it's data", "my models", "my faces"],
+    "detector": [PY, "my models"],
     "bench-dataset": [PY, "my faces"],
     "bench-train": [PY],
     "test": [PY],
