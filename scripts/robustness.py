@@ -32,7 +32,7 @@ from blazeface import read_detector_json  # noqa: E402
 from face_detection import HaarDetector, load_detector  # noqa: E402
 from model_files import EdgeError, all_model_files  # noqa: E402
 
-from caffekit import atomic, hardware  # noqa: E402
+from caffekit import atomic, hardware, photos  # noqa: E402
 from caffekit.errors import KitError, cli  # noqa: E402
 
 FRAME_W, FRAME_H = 640, 480
@@ -159,6 +159,30 @@ def example_sheet(path: Path, rows_examples):
     atomic.write_bytes(path, data.tobytes())
 
 
+def photo_rows(detectors, engine_map, heads, out: Path):
+    """Each detector on the real group photos (caffekit.photos): faces found of those there, false boxes,
+    and the annotated photo as out/photos/<photo>_<detector>.png."""
+    rows = []
+    for photo in photos.PHOTOS:
+        try:
+            path = photos.fetch(photo)
+        except KitError as exc:
+            rows.append({"photo": photo.name, "skipped": str(exc)})
+            continue
+        frame = cv2.imread(str(path))
+        for label, key, detector in detectors:
+            start = time.perf_counter()
+            job = run_inference.prepare(0, str(path), frame, detector, engine_map)
+            faces = classify(job, engine_map, heads)
+            ms = 1000 * (time.perf_counter() - start)
+            found = photos.matched(photo, [f.box for f in faces])
+            ok, data = cv2.imencode(".png", run_inference.annotate(frame, faces))
+            atomic.write_bytes(out / "photos" / f"{Path(photo.name).stem}_{key}.png", data.tobytes())
+            rows.append({"photo": photo.name, "detector": label, "faces": len(photo.boxes), "found": found,
+                         "false_detections": len(faces) - found, "ms": round(ms, 1)})
+    return rows
+
+
 def markdown(report) -> str:
     lines = ["# Faces in the wild (simulated): faces found and accuracy per detector", "",
              f"CPU: {report['cpu']}  ", f"Models: {report['models']}  ",
@@ -172,6 +196,17 @@ def markdown(report) -> str:
                      f"{r['false_detections']} | {100 * r['age_exact']:.1f}% | {100 * r['gender']:.1f}% | "
                      f"{100 * r['age_exact_of_found']:.1f}% | {100 * r['gender_of_found']:.1f}% | {mae} | "
                      f"{r['ms_per_frame']:.1f} |")
+    if report.get("photos"):
+        lines += ["", "Real group photos (faces drawn by eye; a face is found when a box is centred in it; the "
+                  "annotated photos are in bench/photos/):", "",
+                  "| photo | detector | faces found | false boxes | ms (detection + both tasks, first call) |",
+                  "|---|---|---:|---:|---:|"]
+        for r in report["photos"]:
+            if "skipped" in r:
+                lines.append(f"| {r['photo']} | skipped: {r['skipped']} | | | |")
+            else:
+                lines.append(f"| {r['photo']} | {r['detector']} | {r['found']}/{r['faces']} | "
+                             f"{r['false_detections']} | {r['ms']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -201,12 +236,16 @@ def main(argv=None) -> None:
                       for files in all_model_files(str(ir), args.precision, args.model)}
         heads = {net: engine.outputs for net, engine in engine_map.items()}
         detectors = [("Haar cascade", HaarDetector())]
+        photo_detectors = [("Haar cascade", "haar", detectors[0][1])]
         if read_detector_json(str(ir)) is not None:
-            for variant in [v for v in ("short", "full") if v + "_range" in read_detector_json(str(ir))["models"]]:
+            for variant in ("short", "full"):
                 for align in (False, True):
                     detector = load_detector(str(ir), "blazeface", variant, False, openvino, align)
                     detectors.append((f"BlazeFace {variant} range, " + ("aligned" if align else "box framing"),
                                       detector))
+            for variant in ("short", "full", "tiled"):
+                photo_detectors.append((f"BlazeFace {variant}", variant,
+                                        load_detector(str(ir), "blazeface", variant, False, openvino)))
     except EdgeError as exc:
         raise KitError(str(exc))
     print(f"building the set: {len(names)} test faces", flush=True)
@@ -225,7 +264,7 @@ def main(argv=None) -> None:
                      f"+-{MAX_ANGLE:g} degrees, scaled {SCALES[0]:g}x-{SCALES[1]:g}x of a {CHIP_SIDE} px chip, "
                      f"pasted into {FRAME_W}x{FRAME_H} frames; found = a detection centre within "
                      f"{FOUND_RADIUS:g} chip sides of the chip centre; accuracy (all) counts faces not found as wrong",
-              "rows": rows}
+              "rows": rows, "photos": photo_rows(photo_detectors, engine_map, heads, args.out)}
     atomic.write_text(args.out / "robustness.json", json.dumps(report, indent=2) + "\n")
     atomic.write_text(args.out / "robustness.md", markdown(report))
     example_sheet(args.out / "robustness_examples.png", sheets)
