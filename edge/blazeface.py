@@ -117,6 +117,12 @@ def letterbox(frame, size):
     return square, (scale, pad_x, pad_y)
 
 
+def missing(path):
+    if not os.path.isfile(path):
+        raise EdgeError("{}: missing (copy models/ir/face_detector/ whole, or rebuild it with `make detector`)"
+                        .format(path))
+
+
 def read_detector_json(models_dir):
     """The detector's JSON as a dict, or None when no detector was built into ``models_dir``."""
     path = os.path.join(models_dir, DETECTOR_FOLDER, DETECTOR_JSON)
@@ -173,6 +179,8 @@ class BlazeFace(object):
     def _openvino_runner(self, folder, model, openvino, precision):
         Core = openvino[0]
         xml = os.path.join(folder, model["ir"][precision])
+        missing(xml)
+        missing(os.path.splitext(xml)[0] + ".bin")
         core = Core()
         try:
             compiled = core.compile_model(core.read_model(xml), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
@@ -188,6 +196,7 @@ class BlazeFace(object):
 
     def _opencv_runner(self, folder, model):
         path = os.path.join(folder, model["tflite"])
+        missing(path)
         if not hasattr(cv2.dnn, "readNetFromTFLite"):
             raise EdgeError("OpenCV {} cannot read TFLite models (4.8 or newer can): use --detector haar"
                             .format(cv2.__version__))

@@ -181,3 +181,18 @@ def test_the_chip_template_matches_a_fresh_measurement_on_utkface(models, utkfac
     for name, (x, y) in alignment.CHIP_TEMPLATE["keypoints"].items():
         assert abs(measured["keypoints"][name][0] - x) < 0.03 and abs(measured["keypoints"][name][1] - y) < 0.03
     assert abs(measured["box_scale"] - alignment.CHIP_TEMPLATE["box_scale"]) < 0.05
+
+
+def test_a_detector_folder_missing_a_file_or_damaged_is_one_error_line(models, utkface_dir, tmp_path):
+    chip, _ = chip_of(utkface_dir)
+    scene = tilted_scene(chip, 0, tmp_path / "scene.png")
+    copy = tmp_path / "ir"
+    shutil.copytree(models, copy)
+    removed = copy / "face_detector" / "FP32" / "face_detection_short_range.xml"
+    removed.unlink()
+    result = run("--models", copy, "--image", scene)
+    assert result.returncode == 2 and result.stderr == f"error: {removed}: missing (copy models/ir/face_detector/ " \
+        "whole, or rebuild it with `make detector`)\n"
+    (copy / "face_detector" / "face_detector.json").write_text("{ not json")
+    result = run("--models", copy, "--image", scene)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "face_detector.json" in result.stderr
