@@ -7,6 +7,10 @@ VENV        ?= .venv
 PY          ?= $(VENV)/bin/python
 
 UTKFACE_DIR ?= UTKFace
+# The dataset `make dataset` reads (dataset/sources.py) and its folder; FOLD=k: Adience's fold k is the test split.
+SOURCE      ?= utkface
+SOURCE_DIR  ?= $(UTKFACE_DIR)
+FOLD        ?=
 DATA_DIR    ?= data
 MODELS_DIR  ?= models
 RACE        ?= asian
@@ -39,13 +43,17 @@ q = '$(subst ','\'',$(1))'
 py = $(call q,$(PY))
 
 RACES := asian white black indian others all
+SOURCES := utkface adience imdb-wiki
+ADIENCE_FOLDS := 0 1 2 3 4
 BACKENDS := auto torch caffe docker
 NETS := age gender joint all
 # `make dataset` builds the all-races pre-training set in PRETRAIN_DIR unless PRETRAIN=0 or RACE=all (nothing
 # to add). Training decides for itself (scripts/train.py): it pre-trains where DATA_DIR/pretrain holds that
 # set; PRETRAIN=0 asks for one stage, INIT_WEIGHTS= starts from weights of your own instead of stage 1.
-USE_PRETRAIN = $(and $(filter 1,$(PRETRAIN)),$(filter-out all,$(RACE)))
+USE_PRETRAIN = $(and $(filter 1,$(PRETRAIN)),$(filter-out all,$(RACE)),$(filter utkface,$(SOURCE)))
 $(if $(filter $(RACE),$(RACES)),,$(error RACE=$(RACE): expected one of $(RACES)))
+$(if $(filter $(SOURCE),$(SOURCES)),,$(error SOURCE=$(SOURCE): expected one of $(SOURCES)))
+$(if $(FOLD),$(if $(filter $(FOLD),$(ADIENCE_FOLDS)),,$(error FOLD=$(FOLD): expected one of $(ADIENCE_FOLDS))))
 $(if $(filter $(BACKEND),$(BACKENDS)),,$(error BACKEND=$(BACKEND): expected one of $(BACKENDS)))
 $(if $(filter $(NET),$(NETS)),,$(error NET=$(NET): expected one of $(NETS)))
 $(if $(filter $(MODEL),auto pair joint),,$(error MODEL=$(MODEL): expected one of auto pair joint))
@@ -62,7 +70,7 @@ EVAL_ARGS  = $(DIR_ARGS) $(if $(WEIGHTS),--weights $(call q,$(WEIGHTS)))
 IR_ARGS    = --net $(NET) $(EVAL_ARGS)
 
 .PHONY: help setup demo download dataset dataset-val train-age train-gender train-joint test-age test-gender \
-        test-joint evaluate \
+        test-joint evaluate evaluate-folds \
         compile-ncs compile-int8 detector run bench bench-robustness bench-dataset bench-train test test-oracle oracle clean
 
 help:  ## list the targets
@@ -81,15 +89,18 @@ download:  ## fetch and verify the official UTKFace archive into UTKFACE_DIR
 	$(py) -m dataset.download --dest $(call q,$(UTKFACE_DIR))
 
 # The builder with the options every set shares; each target adds --out, --race, --test-fraction, --hold-out.
-BUILD_SET = $(py) -m dataset.build --utkface $(call q,$(UTKFACE_DIR)) --size $(SIZE) --seed $(SEED) --joint-plan $(JOINT_PLAN) $(if $(ENCODED),--encoded)
+# RACE is UTKFace's; the other sources have no race labels.
+BUILD_SET = $(py) -m dataset.build --source $(SOURCE) --input $(call q,$(SOURCE_DIR)) $(if $(FOLD),--fold $(FOLD)) \
+            --size $(SIZE) --seed $(SEED) --joint-plan $(JOINT_PLAN) $(if $(ENCODED),--encoded)
+RACE_ARG = $(if $(filter utkface,$(SOURCE)),--race $(RACE))
 
-dataset:  ## UTKFace -> balanced LMDBs + mean.binaryproto in DATA_DIR, and the all-races set in DATA_DIR/pretrain
-	$(BUILD_SET) --out $(call q,$(DATA_DIR)) --race $(RACE) --test-fraction $(TEST_FRACTION)
+dataset:  ## UTKFace (SOURCE=adience|imdb-wiki SOURCE_DIR=..., FOLD=k) -> balanced LMDBs + mean.binaryproto in DATA_DIR, and the all-races set in DATA_DIR/pretrain
+	$(BUILD_SET) --out $(call q,$(DATA_DIR)) $(RACE_ARG) --test-fraction $(TEST_FRACTION)
 	$(if $(USE_PRETRAIN),$(BUILD_SET) --out $(call q,$(PRETRAIN_DIR)) --race all \
 	  --test-fraction $(PRETRAIN_TEST_FRACTION) --hold-out $(call q,$(DATA_DIR)/splits/test.txt))
 
 dataset-val:  ## a validation set to choose schedules on, the test split untouched: DATA_DIR's train faces split again into VAL_DIR
-	$(BUILD_SET) --out $(call q,$(VAL_DIR)) --race $(RACE) --test-fraction $(TEST_FRACTION) \
+	$(BUILD_SET) --out $(call q,$(VAL_DIR)) $(RACE_ARG) --test-fraction $(TEST_FRACTION) \
 	  --hold-out $(call q,$(DATA_DIR)/splits/test.txt)
 	$(if $(USE_PRETRAIN),$(BUILD_SET) --out $(call q,$(VAL_DIR)/pretrain) --race all \
 	  --test-fraction $(PRETRAIN_TEST_FRACTION) \
@@ -114,6 +125,14 @@ test-joint:  ## evaluate the joint net (age bins, age in years, gender), beside 
 	$(py) scripts/evaluate.py --net joint $(EVAL_ARGS)
 
 evaluate: test-age test-gender  ## both evaluations of the pair
+
+# Levi & Hassner's protocol: fold k's data in DATA_DIR/adience_fold_k, its nets in MODELS_DIR/adience_fold_k.
+evaluate-folds:  ## Adience (SOURCE_DIR=...): for k in 0..4 build FOLD=k, train and test the pair; then mean +- std over the folds
+	$(foreach k,$(ADIENCE_FOLDS),$(MAKE) --no-print-directory dataset train-age train-gender test-age test-gender \
+	  SOURCE=adience FOLD=$(k) PRETRAIN=0 SOURCE_DIR=$(call q,$(SOURCE_DIR)) \
+	  DATA_DIR=$(call q,$(DATA_DIR)/adience_fold_$(k)) MODELS_DIR=$(call q,$(MODELS_DIR)/adience_fold_$(k)) &&) true
+	$(py) scripts/evaluate_folds.py $(foreach k,$(ADIENCE_FOLDS),$(call q,$(MODELS_DIR)/adience_fold_$(k))) \
+	  --out $(call q,$(MODELS_DIR)/adience_folds.json)
 
 compile-ncs:  ## caffemodel -> OpenVINO IR, FP16 (NCS2) and FP32, in MODELS_DIR/ir (NET=age|gender|joint|all)
 	$(py) scripts/compile_ir.py $(IR_ARGS) --precision FP16 FP32

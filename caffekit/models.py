@@ -3,12 +3,14 @@
 Training, evaluation, compiling and the benchmark look nets up here; the IR's JSON carries the heads
 to the device, so ``edge/`` never imports this module. A head is one named output of the deploy net.
 """
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+import json
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from caffekit.errors import KitError
-from caffekit.tasks import AGE_BIN_CENTRES, AGE_BIN_EDGES, AGE_LABELS, GENDER_LABELS, age_to_bin
+from caffekit.tasks import AGE_LABELS, AGE_SCHEMES, GENDER_LABELS, age_scheme, age_to_bin
 
 # The joint net's age head: one class per year 0..AGE_YEARS_MAX (older faces count as AGE_YEARS_MAX).
 AGE_YEARS_MAX = 100
@@ -91,6 +93,63 @@ DETECTOR_FOLDER = "face_detector"  # models/ir/<this>/: the face detector script
 PAIR = ("age", "gender")  # the Levi & Hassner nets, one task each
 
 
+# The age labels of each dataset source (dataset/build.py --source), by name in caffekit.tasks.AGE_SCHEMES. The
+# dataset manifest records the labels it was built with ("classes" -> "age" -> "labels"); a net's learned age
+# classifier follows them (fit_net): AgeNet's fc8 has 9 outputs on UTKFace and IMDB-WIKI, 8 on Adience. The joint
+# net's age_bins head is not learned (decade bins summed from its years head), so it keeps the decades everywhere.
+SOURCE_AGE_SCHEMES = {"utkface": "decades", "imdb-wiki": "decades", "adience": "adience"}
+
+
+def source_age_labels(source: str) -> Tuple[str, ...]:
+    try:
+        return tuple(AGE_SCHEMES[SOURCE_AGE_SCHEMES[source]]["labels"])
+    except KeyError:
+        raise KitError(f"unknown dataset source {source!r} (expected one of {', '.join(SOURCE_AGE_SCHEMES)})") from None
+
+
+def dataset_age_labels(data_dir) -> Tuple[str, ...]:
+    """The age labels of the dataset in ``data_dir`` (its manifest.json); the decades where there is no manifest
+    (LMDBs the user made another way)."""
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        return tuple(AGE_LABELS)
+    try:
+        labels = tuple(json.loads(path.read_text())["classes"]["age"]["labels"])
+        age_scheme(labels)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KitError(f"{path}: no known age labels in classes.age.labels ({exc.__class__.__name__})") from None
+    return labels
+
+
+def with_age_labels(key: str, labels: Sequence[str]) -> Model:
+    """The net ``key`` with its learned age head relabelled to ``labels`` (the registry's entry when they are
+    the decades, or when the net has no learned age head)."""
+    entry = model(key)
+    learned = {prior.classes for prior in entry.priors}
+    heads = tuple(head._replace(labels=tuple(labels)) if head.task == "age" and head.task in learned else head
+                  for head in entry.heads)
+    return entry._replace(heads=heads)
+
+
+def for_dataset(key: str, data_dir) -> Model:
+    """The net ``key`` as the dataset in ``data_dir`` labels it: what training, evaluation and compiling read."""
+    return with_age_labels(key, dataset_age_labels(data_dir))
+
+
+def fit_net(net, entry: Model):
+    """A copy of the NetParameter ``net`` whose learned classifiers have as many outputs as ``entry``'s heads have
+    labels (fc8's num_output: 9 in the shipped prototxts, 8 for Adience). Training reads it for train_val and
+    deploy, so the caffemodel, its deploy.prototxt and the IR follow the dataset."""
+    fitted = type(net)()
+    fitted.CopyFrom(net)
+    sizes = {prior.layer: len(entry.head(prior.classes).labels) for prior in entry.priors
+             if entry.head(prior.classes) is not None and entry.head(prior.classes).labels is not None}
+    for layer in list(fitted.layer) + list(fitted.layers):
+        if layer.name in sizes and layer.HasField("inner_product_param"):
+            layer.inner_product_param.num_output = sizes[layer.name]
+    return fitted
+
+
 def model(key: str) -> Model:
     try:
         return MODELS[key]
@@ -112,8 +171,9 @@ def head_metadata(head: Head) -> dict:
     if head.labels is not None:
         meta["labels"] = list(head.labels)
     if head.task == "age":
-        meta["age_bin_edges"] = list(AGE_BIN_EDGES)
-        meta["age_bin_centres"] = list(AGE_BIN_CENTRES)
+        scheme = age_scheme(head.labels)
+        meta["age_bin_edges"] = list(scheme["edges"])
+        meta["age_bin_centres"] = list(scheme["centres"])
     if head.task == "age_years":
         meta["unit"] = "years"
     return meta

@@ -3,7 +3,7 @@
 These facts travel with every artifact (the dataset manifest, the compiled IR's JSON),
 so the edge runner reads them from the model instead of repeating them.
 """
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 # Decade bins of the reference project: 0-9, 10-19, ..., 70-79, 80+.
 AGE_BIN_EDGES = [0, 10, 20, 30, 40, 50, 60, 70, 80]
@@ -13,6 +13,20 @@ AGE_LABELS = [f"{lo}-{hi - 1}" for lo, hi in zip(AGE_BIN_EDGES, AGE_BIN_EDGES[1:
 AGE_BIN_CENTRES = [lo + 4.5 for lo in AGE_BIN_EDGES[:-1]] + [85.0]
 GENDER_LABELS = ["Male", "Female"]  # UTKFace: 0 male, 1 female
 MAX_AGE = 116
+
+# Adience's eight age groups (Levi & Hassner 2015) as the fold files write them; the last, "(60, 100)", is 60+.
+ADIENCE_AGE_GROUPS = [(0, 2), (4, 6), (8, 12), (15, 20), (25, 32), (38, 43), (48, 53), (60, 100)]
+ADIENCE_AGE_LABELS = [f"{lo}-{hi}" for lo, hi in ADIENCE_AGE_GROUPS[:-1]] + ["60+"]
+ADIENCE_AGE_EDGES = [lo for lo, _ in ADIENCE_AGE_GROUPS]
+ADIENCE_AGE_CENTRES = [(lo + hi) / 2 for lo, hi in ADIENCE_AGE_GROUPS]
+
+# Each age label set by name: its labels, the first year of each class, and the age that stands for each
+# class in an expected-age MAE. A dataset manifest names its set; the registry (caffekit/models.py) says which
+# source uses which.
+AGE_SCHEMES: Dict[str, dict] = {
+    "decades": {"labels": AGE_LABELS, "edges": AGE_BIN_EDGES, "centres": AGE_BIN_CENTRES},
+    "adience": {"labels": ADIENCE_AGE_LABELS, "edges": ADIENCE_AGE_EDGES, "centres": ADIENCE_AGE_CENTRES},
+}
 
 
 def age_to_bin(age: int) -> int:
@@ -30,3 +44,11 @@ TASKS: Dict[str, dict] = {
 
 def labels(task: str) -> List[str]:
     return TASKS[task]["labels"]
+
+
+def age_scheme(labels: Sequence[str]) -> dict:
+    """The age label set whose labels are ``labels`` (raises KeyError for labels of no known set)."""
+    for name, scheme in AGE_SCHEMES.items():
+        if list(labels) == scheme["labels"]:
+            return {"name": name, **scheme}
+    raise KeyError(f"no age label set has the labels {list(labels)}")

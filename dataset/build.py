@@ -1,12 +1,19 @@
-"""Build the Caffe training data from a UTKFace folder: balanced train LMDBs, test LMDBs, mean file, manifest.
+"""Build the Caffe training data from a face dataset: balanced train LMDBs, test LMDBs, mean file, manifest.
 
     python -m dataset.build --utkface ~/UTKFace --out data --race asian --size 256 --test-fraction 0.2 --seed 1
+    python -m dataset.build --source adience --input ~/adience --fold 0 --out data/adience_fold0
+    python -m dataset.build --source imdb-wiki --input ~/imdb-wiki --out data/imdb-wiki --encoded
+
+--source (dataset/sources.py) picks the module that reads the labels: utkface (the default: labels in the file
+names), adience (fold files; --fold k tests on fold k and trains on the other four), imdb-wiki (.mat files and
+their filters). The source yields the faces; everything below is the same for every source.
 
 Writes into --out: lmdb/{age,gender}_{train,test}_lmdb (raw uint8 BGR CHW Datums, keys ``%08d_<file>``
 in the order Caffe reads them; train pre-shuffled), mean.binaryproto and mean.npy (the mean of the train
 split's original images, each once, before oversampling: one mean for both tasks, so both nets subtract
 the same image), {age,gender}_test.csv (the test records in LMDB order with the true age), splits/{train,test}.txt,
-and manifest.json (configuration, skipped files, duplicate groups, class counts, output hashes, versions).
+and manifest.json (configuration, skipped files, duplicate groups, class counts and the age labels, the
+source's labelling rules, output hashes, versions).
 --hold-out FILE keeps the faces listed there (one file name per line, e.g. another build's splits/test.txt)
 and every byte-identical copy of them out of this build: a pre-training set built from all races that
 never sees the Asian test faces.
@@ -30,15 +37,15 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from caffekit import formats, models
+from caffekit import formats, models, tasks
 from caffekit.atomic import atomic_path
 from caffekit.errors import KitError, cli
 from caffekit.proto import caffe_pb2
 from caffekit.tasks import AGE_LABELS, GENDER_LABELS
-from dataset import augment, split, utkface
+from dataset import augment, imdb_wiki, sources, split, utkface
 from dataset.lmdb_io import value_digest, write_lmdb
 
-TASK_LABELS = {"age": AGE_LABELS, "gender": GENDER_LABELS}
+TASK_LABELS = {"age": AGE_LABELS, "gender": GENDER_LABELS}  # UTKFace's; a build reads its source's age labels
 JOINT_SIZE = 72  # the joint net's LMDB images: random 64 x 64 crops in training, the centre one at test time
 # The joint net's train records: "age" = the age net's plan (every face once, plus flipped/noisy copies until each
 # decade bin matches the largest); "natural" = every train face once, in a seeded order (the prior stays the data's).
@@ -162,34 +169,6 @@ def _bar(iterable, progress: bool, **kwargs):
     return tqdm(iterable, disable=None if progress else True, leave=False, **kwargs)
 
 
-def scan(folder: Path, race: str):
-    """Candidates of the selected race by name, files skipped for their names, and the folder's file count."""
-    if not folder.exists():
-        raise KitError(f"{folder}: UTKFace folder not found (run `make download`, or put the images there)")
-    if not folder.is_dir():
-        raise KitError(f"{folder}: not a folder (expected a folder of UTKFace images)")
-    try:
-        entries = sorted(os.listdir(folder))
-    except OSError as exc:
-        raise KitError(f"{folder}: cannot list folder ({exc.strerror})") from None
-    if not entries:
-        raise KitError(f"{folder}: folder is empty (expected UTKFace images)")
-    wanted = utkface.RACES[race]
-    candidates, skipped, other_race = [], [], 0
-    for name in entries:
-        if not (folder / name).is_file():
-            skipped.append({"file": name, "reason": "not a regular file (subfolders are not searched)"})
-            continue
-        face, reason = utkface.parse_name(name)
-        if face is None:
-            skipped.append({"file": name, "reason": reason})
-        elif wanted is not None and face.race != wanted:
-            other_race += 1
-        else:
-            candidates.append(face)
-    return candidates, skipped, {"files": len(entries), "other_race": other_race}
-
-
 def check_images(candidates, jobs: "ImageJobs", imap, progress: bool):
     """Candidates whose file is a usable image (with their sha256), and the others with reasons."""
     usable, skipped = [], []
@@ -222,6 +201,12 @@ def hold_out(usable, names: set):
     return kept, {"names_listed": len(names), "faces_removed": len(usable) - len(kept),
                   "copies_under_other_names": sum(face.name not in names for face in usable
                                                   if face.sha256 in held_shas)}
+
+
+def skipped_by_reason(skipped: List[dict]) -> Dict[str, int]:
+    """How many records each reason left out, commonest first (a source such as IMDB-WIKI skips thousands)."""
+    counts = collections.Counter(entry["reason"] for entry in skipped)
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def _summary(skipped: List[dict]) -> str:
@@ -292,15 +277,23 @@ def _cleanup_new_folders(out: Path):
 
 # ---------------------------------------------------------------- the build
 def _manifest(folder, out, race, size, test_fraction, seed, encoded, source, candidates, usable, faces, skipped,
-              groups, train, test, classes, held_out) -> dict:
+              groups, train, test, classes, held_out, source_name="utkface", fold=None, rules=None) -> dict:
+    where = {"utkface": str(folder)} if source_name == "utkface" else {"input": str(folder)}
+    split_info = {"stratified_by": ["age_bin", "gender"]} if fold is None else {
+        "by": "the source's own subject-disjoint folds", "test_fold": fold,
+        "train_folds": sorted({face.fold for face in train})}
     return {
-        "config": {"utkface": str(folder), "out": str(out), "race": race, "size": size,
-                   "test_fraction": test_fraction, "seed": seed,
+        "config": {"source": source_name, **where, "out": str(out), "race": race, "size": size,
+                   "test_fraction": None if fold is not None else test_fraction, "fold": fold, "seed": seed,
                    "datum": "JPEG-encoded (encoded: true)" if encoded else "raw uint8 BGR CHW",
                    "keys": "%08d_<source file>[~aug<k>], key order = the order Caffe reads"},
         "source": {**source, "selected": len(candidates), "usable": len(usable), "distinct": len(faces),
                    "skipped": len(skipped)},
         "skipped": skipped,
+        "skipped_by_reason": skipped_by_reason(skipped),
+        "labels": {"source": source_name, "age": classes["age"]["labels"],
+                   "age_scheme": tasks.age_scheme(classes["age"]["labels"])["name"],
+                   "gender": classes["gender"]["labels"], "rules": rules or {}},
         "held_out": held_out,
         "duplicates": {"rule": "byte-identical files (sha256) form a group; the (age bin, gender) label with "
                                "the most votes keeps one copy (first file by name); a tie drops the group",
@@ -308,7 +301,7 @@ def _manifest(folder, out, race, size, test_fraction, seed, encoded, source, can
                        "conflicting": sum(group["conflict"] for group in groups),
                        "dropped": sum(group["kept"] is None for group in groups),
                        "details": groups},
-        "split": {"stratified_by": ["age_bin", "gender"], "train": len(train), "test": len(test)},
+        "split": {**split_info, "train": len(train), "test": len(test)},
         "classes": classes,
         "augmentation": {"applies_to": "train split only, each task oversampled separately",
                          "flip": "odd copies mirrored horizontally",
@@ -376,15 +369,25 @@ def write_outputs(out: Path, plans: Dict[str, List[split.Item]], train, test, jo
         manifest_tmp.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction: float = 0.2, seed: int = 1,
+def build(utkface_dir, out, race: Optional[str] = None, size: int = 256, test_fraction: float = 0.2, seed: int = 1,
           encoded: bool = False, workers: Optional[int] = None, progress: bool = True,
-          hold_out_lists: Sequence[Path] = (), joint_size: int = JOINT_SIZE, joint_plan: str = "age") -> dict:
-    """Build every output into ``out``; returns the manifest."""
+          hold_out_lists: Sequence[Path] = (), joint_size: int = JOINT_SIZE, joint_plan: str = "age",
+          source: str = "utkface", fold: Optional[int] = None, source_options: Optional[dict] = None) -> dict:
+    """Build every output into ``out`` from the ``source`` dataset in the folder ``utkface_dir``; returns the
+    manifest. ``race`` (UTKFace only) defaults to asian; ``fold`` (sources with folds) defaults to 0."""
     folder, out = Path(utkface_dir), Path(out)
+    race = race or sources.DEFAULT_RACE.get(source, "all")
     hold_out_lists = [Path(path) for path in hold_out_lists]
     held_names = set().union(*map(read_hold_out, hold_out_lists)) if hold_out_lists else None
-    if race not in utkface.RACES:
+    if source not in sources.SOURCES:
+        raise KitError(f"source {source!r}: expected one of {', '.join(sources.SOURCES)}")
+    if source == "utkface" and race not in utkface.RACES:
         raise KitError(f"race {race!r}: expected one of {', '.join(utkface.RACES)}")
+    if fold is None and source in sources.FOLDS:
+        fold = 0  # a random split would put one person's photos on both sides
+    if fold is not None and not 0 <= fold < sources.FOLDS.get(source, 0):
+        raise KitError(f"fold {fold}: " + (f"{source} has folds 0..{sources.FOLDS[source] - 1}" if source in
+                                           sources.FOLDS else f"{source} has no folds (split by --test-fraction)"))
     if size < 8:
         raise KitError(f"size {size}: expected at least 8 pixels")
     if joint_size and joint_size < 8:
@@ -396,15 +399,17 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
     workers = workers or min(2, os.cpu_count() or 1)
     _check_writable(out)
 
-    candidates, skipped, source = scan(folder, race)
-    jobs = ImageJobs(folder, size, seed, encoded)
+    scanned = sources.scan(source, folder, race, **(source_options or {}))
+    candidates, skipped, counts = scanned.faces, scanned.skipped, scanned.counts
+    task_labels = {"age": list(scanned.age_labels), "gender": GENDER_LABELS}
+    jobs = ImageJobs(scanned.images, size, seed, encoded)
     with ordered_map(workers) as imap:
         usable, bad_images = check_images(candidates, jobs, imap, progress)
         skipped = sorted(skipped + bad_images, key=lambda entry: entry["file"])
         if not usable:
             what = "image" if race == "all" else f"{race} image"
-            detail = f" ({_summary(skipped)})" if skipped else f" ({source['other_race']} of other races)"
-            raise KitError(f"{folder}: no usable {what} among {source['files']} files{detail}")
+            detail = f" ({_summary(skipped)})" if skipped else f" ({counts.get('other_race', 0)} of other races)"
+            raise KitError(f"{folder}: no usable {what} among {counts['files']} files{detail}")
 
         held_out = None
         if held_names is not None:
@@ -414,19 +419,25 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
                 raise KitError(f"{held_out['list']}: none of the {len(held_names)} file names listed is a usable "
                                f"image of {folder} (a list from another folder?)")
         faces, groups = split.dedup(usable)
-        train, test = split.stratified_split(faces, test_fraction, seed)
+        if fold is None:
+            train, test = split.stratified_split(faces, test_fraction, seed)
+        else:
+            train, test = split.by_fold(faces, fold)
+            if not test or not train:
+                raise KitError(f"{folder}: fold {fold} has {len(test)} usable distinct faces, the other folds "
+                               f"{len(train)}: too few to train and test (all held out?)")
         if not train or not test:
             raise KitError(f"{folder}: only {len(faces)} usable distinct images, too few to split into train and test")
         test_items = split.shuffled(test, seed)
         plans = {}
-        for task, labels in TASK_LABELS.items():
+        for task, labels in task_labels.items():
             plans[f"{task}_train"] = split.oversample(train, task, len(labels), seed)
             plans[f"{task}_test"] = test_items
         classes = {task: {"labels": labels,
                           "train": split.class_counts(train, task, len(labels)),
                           "train_oversampled": split.class_counts(plans[f"{task}_train"], task, len(labels)),
                           "test": split.class_counts(test, task, len(labels))}
-                   for task, labels in TASK_LABELS.items()}
+                   for task, labels in task_labels.items()}
         if joint_size:
             plans["joint_train"] = plans["age_train"] if joint_plan == "age" else split.shuffled(train, seed, stream=3)
             plans["joint_test"] = test_items
@@ -439,8 +450,8 @@ def build(utkface_dir, out, race: str = "asian", size: int = 256, test_fraction:
             raise KitError(f"{out}: the build needs about {needed / 1e9:.1f} GB, {_free_bytes(out) / 1e9:.1f} GB free"
                            + ("" if encoded else " (--encoded needs about 8x less)"))
 
-        manifest = _manifest(folder, out, race, size, test_fraction, seed, encoded, source, candidates, usable,
-                             faces, skipped, groups, train, test, classes, held_out)
+        manifest = _manifest(folder, out, race, size, test_fraction, seed, encoded, counts, candidates, usable,
+                             faces, skipped, groups, train, test, classes, held_out, source, fold, scanned.rules)
         manifest["config"]["joint_size"] = joint_size
         manifest["config"]["joint_plan"] = joint_plan
         write_outputs(out, plans, train, test, jobs, imap, manifest, record_bytes, progress, joint_size)
@@ -476,9 +487,16 @@ def _check_writable(out: Path) -> None:
 def build_argparser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--utkface", required=True, type=Path, help="folder of UTKFace images (*.jpg.chip.jpg)")
+    parser.add_argument("--input", "--utkface", dest="input", required=True, type=Path,
+                        help="the source's folder: UTKFace images (*.jpg.chip.jpg); Adience's aligned/ and "
+                             "fold_<k>_data.txt; IMDB-WIKI's imdb_crop/ and/or wiki_crop/ with their .mat")
+    parser.add_argument("--source", default="utkface", choices=list(sources.SOURCES),
+                        help="which dataset the folder holds (default: utkface)")
+    parser.add_argument("--fold", type=int,
+                        help="adience: fold k (0..4) is the test split, the other four train (default: 0)")
     parser.add_argument("--out", default=Path("data"), type=Path, help="output folder (default: data)")
-    parser.add_argument("--race", default="asian", choices=list(utkface.RACES), help="faces to use (default: asian)")
+    parser.add_argument("--race", choices=list(utkface.RACES),
+                        help="utkface: faces to use (default: asian; the other sources have no race labels: all)")
     parser.add_argument("--size", default=256, type=int, help="square image size in the LMDBs (default: 256)")
     parser.add_argument("--test-fraction", default=0.2, type=float, help="share of faces for test (default: 0.2)")
     parser.add_argument("--seed", default=1, type=int, help="seed of the split, oversampling and order (default: 1)")
@@ -490,6 +508,15 @@ def build_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--joint-plan", default="age", choices=JOINT_PLANS,
                         help="the joint net's train records: age = balanced over decade bins like the age net's "
                              "(default), natural = every train face once")
+    imdb = parser.add_argument_group("imdb-wiki filters (dataset/imdb_wiki.py)")
+    imdb.add_argument("--databases", nargs="+", choices=list(imdb_wiki.DATABASES),
+                      help="which .mat files to read (default: those present)")
+    imdb.add_argument("--min-face-score", type=float,
+                      help=f"skip records whose face_score is lower (default: {imdb_wiki.MIN_FACE_SCORE})")
+    imdb.add_argument("--allow-second-face", action="store_true", default=None,
+                      help="keep photos with a second face (default: skipped)")
+    imdb.add_argument("--ages", type=int, nargs=2, metavar=("FIRST", "LAST"),
+                      help=f"ages to keep (default: {imdb_wiki.AGES[0]} {imdb_wiki.AGES[1]})")
     parser.add_argument("--hold-out", type=Path, metavar="FILE", nargs="+", default=[],
                         help="leave out the faces named in the FILEs (one per line, e.g. data/splits/test.txt) and "
                              "their byte-identical copies: for a pre-training set that excludes a test split "
@@ -500,13 +527,24 @@ def build_argparser() -> argparse.ArgumentParser:
 @cli
 def main(argv=None) -> None:
     args = build_argparser().parse_args(argv)
-    manifest = build(args.utkface, args.out, args.race, args.size, args.test_fraction, args.seed, args.encoded,
-                     hold_out_lists=args.hold_out, joint_size=args.joint_size, joint_plan=args.joint_plan)
+    options = {key: getattr(args, key) for key in ("databases", "min_face_score", "allow_second_face", "ages")
+               if getattr(args, key) is not None}
+    if options and args.source != "imdb-wiki":
+        raise KitError(f"--{next(iter(options)).replace('_', '-')}: an imdb-wiki filter, not for --source {args.source}")
+    manifest = build(args.input, args.out, args.race, args.size, args.test_fraction, args.seed, args.encoded,
+                     hold_out_lists=args.hold_out, joint_size=args.joint_size, joint_plan=args.joint_plan,
+                     source=args.source, fold=args.fold, source_options=options)
     print(format_tables({task: table for task, table in manifest["classes"].items() if task in TASK_LABELS}))
     source, duplicates = manifest["source"], manifest["duplicates"]
-    print(f"{source['files']} files, {source['selected']} {args.race}, {source['skipped']} skipped, "
+    selected = f"{source['selected']} {manifest['config']['race']}" if args.source == "utkface" else \
+        f"{source['selected']} passed the label rules"
+    print(f"{source['files']} {'files' if args.source == 'utkface' else 'records'}, {selected}, "
+          f"{source['skipped']} skipped, "
           f"{duplicates['groups']} duplicate groups ({duplicates['dropped']} dropped for conflicting labels), "
-          f"{manifest['split']['train']} train / {manifest['split']['test']} test faces")
+          f"{manifest['split']['train']} train / {manifest['split']['test']} test faces"
+          + (f" (test: fold {manifest['config']['fold']})" if manifest["config"]["fold"] is not None else ""))
+    if args.source != "utkface" and manifest["skipped_by_reason"]:
+        print("skipped: " + "; ".join(f"{count} {reason}" for reason, count in manifest["skipped_by_reason"].items()))
     if manifest["held_out"]:
         held = manifest["held_out"]
         print(f"held out {held['faces_removed']} faces listed in {held['list']} "

@@ -10,6 +10,8 @@ The members vote with the labels the nets learn, (age bin, gender):
 Split: stratified by (age bin, gender), so the test split has the train split's age-bin and gender mix;
 within each stratum the faces are sorted by name and a seeded permutation picks round(n * test_fraction)
 for test. The same folder, race and seed therefore always give the same split, whatever the listing order.
+A source with its own subject-disjoint folds (Adience) can be split by fold instead: one fold is the test split,
+the others train (by_fold), so no person is on both sides.
 
 Oversampling (train split only, each task separately): every class is topped up to the size of the largest
 with augmented copies, cycling through the class's faces in a seeded order, so copies spread evenly
@@ -20,7 +22,7 @@ from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
-from dataset.utkface import Face
+from dataset.faces import Face
 
 
 class Item(NamedTuple):
@@ -81,6 +83,12 @@ def stratified_split(faces: Sequence[Face], test_fraction: float, seed: int) -> 
         test += [members[i] for i in order[:n_test]]
         train += [members[i] for i in order[n_test:]]
     return sorted(train, key=lambda f: f.name), sorted(test, key=lambda f: f.name)
+
+
+def by_fold(faces: Sequence[Face], test_fold: int) -> Tuple[List[Face], List[Face]]:
+    """(train, test), each sorted by name: the faces of ``test_fold`` test, those of every other fold train."""
+    ordered = sorted(faces, key=lambda face: face.name)
+    return [face for face in ordered if face.fold != test_fold], [face for face in ordered if face.fold == test_fold]
 
 
 def class_counts(items: Sequence, task: str, n_classes: int) -> List[int]:

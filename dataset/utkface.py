@@ -14,15 +14,22 @@ Malformed names in the public set, and what this module does with them:
   (female) in the others, so which label is missing cannot be told from the name: they are skipped.
 
 Everything else that is not ``<digits>_<digits>_<digits>_<digits>.jpg[.chip.jpg]`` is skipped with a reason.
+
+As a source of the build (dataset/sources.py): ``scan`` yields the faces of one folder (no subfolders), named by
+their file name, age labels in decade bins. ``check_image`` is the image check of every source.
 """
+import os
 import re
 from pathlib import Path
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
 
-from caffekit.tasks import MAX_AGE, age_to_bin
+from caffekit.errors import KitError
+from caffekit.tasks import AGE_LABELS, MAX_AGE
+from dataset.faces import Face
+from dataset.scan import Scan
 
 RACES = {"white": 0, "black": 1, "asian": 2, "indian": 3, "others": 4, "all": None}
 
@@ -32,22 +39,6 @@ _THREE_FIELDS = re.compile(r"^(\d+)_(\d+)_(\d+)( ?\.|)jpg(\.chip\.jpg)?$")
 
 JPEG_START = b"\xff\xd8"
 JPEG_END = b"\xff\xd9"
-
-
-class Face(NamedTuple):
-    """One usable image: its file name (relative to the folder), labels, and content hash."""
-    name: str
-    age: int
-    gender: int
-    race: int
-    sha256: str = ""
-
-    @property
-    def age_bin(self) -> int:
-        return age_to_bin(self.age)
-
-    def label(self, task: str) -> int:
-        return self.age_bin if task == "age" else self.gender
 
 
 def parse_name(name: str) -> Tuple[Optional[Face], str]:
@@ -65,6 +56,38 @@ def parse_name(name: str) -> Tuple[Optional[Face], str]:
     if race not in RACES.values():
         return None, f"race {race} is not one of 0..4"
     return Face(name, age, gender, race), ""
+
+
+def scan(folder: Path, race: str = "asian") -> Scan:
+    """Candidates of the selected race by name, files skipped for their names, and the folder's file count."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise KitError(f"{folder}: UTKFace folder not found (run `make download`, or put the images there)")
+    if not folder.is_dir():
+        raise KitError(f"{folder}: not a folder (expected a folder of UTKFace images)")
+    try:
+        entries = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise KitError(f"{folder}: cannot list folder ({exc.strerror})") from None
+    if not entries:
+        raise KitError(f"{folder}: folder is empty (expected UTKFace images)")
+    if race not in RACES:
+        raise KitError(f"race {race!r}: expected one of {', '.join(RACES)}")
+    wanted = RACES[race]
+    candidates, skipped, other_race = [], [], 0
+    for name in entries:
+        if not (folder / name).is_file():
+            skipped.append({"file": name, "reason": "not a regular file (subfolders are not searched)"})
+            continue
+        face, reason = parse_name(name)
+        if face is None:
+            skipped.append({"file": name, "reason": reason})
+        elif wanted is not None and face.race != wanted:
+            other_race += 1
+        else:
+            candidates.append(face)
+    return Scan(folder, candidates, skipped, {"files": len(entries), "other_race": other_race}, list(AGE_LABELS),
+                {"age": "decade bins of the age in the file name (80+ for 80 and over)"})
 
 
 def check_image(data: bytes) -> Tuple[Optional[np.ndarray], str]:

@@ -28,6 +28,8 @@ EXPECTED = {
     "train-joint": [PY, "it's data", "my models", "my solver.prototxt"],
     "test-joint": [PY, "it's data", "my models", "my weights.caffemodel"],
     "evaluate": [PY, "it's data", "my models", "my weights.caffemodel"],
+    "evaluate-folds": [PY, "my faces", "it's data/adience_fold_0", "my models/adience_fold_0",
+                       "it's data/adience_fold_4", "my models/adience_fold_4", "my models/adience_folds.json"],
     "compile-ncs": [PY, "it's data", "my models", "my weights.caffemodel"],
     "compile-int8": [PY, "it's data", "my models", "my weights.caffemodel"],
     "run": [PY, "my models/ir", "my photo.jpg"],
