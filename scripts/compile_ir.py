@@ -32,10 +32,13 @@ def newest_snapshot(models_dir: Path, net_name: str) -> Path:
 
 
 def compile_net(key: str, args) -> None:
-    entry = models.model(key)
+    entry = models.for_dataset(key, args.data_dir)  # the dataset's labels (Adience: 8 age groups)
     net_name = entry.name
     weights = args.weights or newest_snapshot(args.models_dir, net_name)
-    deploy = args.deploy_dir / net_name / "deploy.prototxt"
+    # The deploy training wrote beside its snapshots (resized to the dataset's classes), else the shipped one.
+    trained_deploy = args.models_dir / net_name / "deploy.prototxt"
+    deploy = trained_deploy if args.deploy_dir is None and trained_deploy.is_file() else \
+        (args.deploy_dir or REPO / "caffe_models") / net_name / "deploy.prototxt"
     net = openvino_ir.CaffeNet(deploy, weights)
     expected = [head.output for head in entry.heads] if len(entry.heads) > 1 else [net.output_blob]
     if net.output_blobs != expected:
@@ -87,8 +90,9 @@ def main(argv=None) -> None:
     parser.add_argument("--models-dir", type=Path, default=REPO / "models",
                         help="snapshots in <net>/, IRs written to ir/")
     parser.add_argument("--weights", type=Path, help="a caffemodel (only with one --net)")
-    parser.add_argument("--deploy-dir", type=Path, default=REPO / "caffe_models",
-                        help="folder with <net>/deploy.prototxt (default: caffe_models)")
+    parser.add_argument("--deploy-dir", type=Path,
+                        help="folder with <net>/deploy.prototxt (default: the one training wrote in "
+                             "MODELS_DIR/<net>/, else caffe_models)")
     parser.add_argument("--precision", nargs="+", choices=openvino_ir.PRECISIONS, default=["FP16", "FP32"])
     args = parser.parse_args(argv)
     if args.weights and args.net == "all":

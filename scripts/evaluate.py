@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         deploy = training.REPO / "caffe_models" / net / "deploy.prototxt"
     if task == "joint":
         return evaluate_joint(args, net, weights, deploy, model_dir, data_dir)
-    class_names = tasks.labels(task)
+    # The dataset's own labels (UTKFace: 9 decade bins; Adience: its 8 groups), from its manifest.
+    class_names = list(models.for_dataset(task, data_dir).head(task).labels)
     classifier = evaluation.OpenCvClassifier(deploy, weights)
     lmdb_path = data_dir / "lmdb" / f"{task}_test_lmdb"
     started = time.time()
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     probs_width = predictions.centre.shape[1]
     if probs_width != len(class_names):
         raise KitError(f"{weights}: the net outputs {probs_width} classes, the {task} task has {len(class_names)}")
-    centres = tasks.AGE_BIN_CENTRES if task == "age" else None
+    centres = tasks.age_scheme(class_names)["centres"] if task == "age" else None
     true_ages = evaluation.read_true_ages(data_dir / f"{task}_test.csv", predictions.keys)
     out_dir = Path(args.out) if args.out else model_dir / "eval"
     report = {"net": net, "weights": str(weights), "deploy": str(deploy), "test_lmdb": str(lmdb_path),
