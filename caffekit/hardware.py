@@ -3,7 +3,8 @@ and the precision chosen for it, with the reason, so a training run says at its 
 fast (or as slow) as it is.
 
 bf16 autocast pays only where the CPU computes bf16 natively (AVX512-BF16, or AMX's tiles): elsewhere
-oneDNN emulates it and training is slower than in fp32.
+oneDNN emulates it and training is slower than in fp32. On CUDA the same holds from compute capability 8.0
+(Ampere) on; older GPUs get fp16 autocast, whose narrow range needs loss scaling (the trainer's GradScaler).
 """
 import platform
 from pathlib import Path
@@ -70,19 +71,28 @@ def _onednn_has_bf16() -> bool:
         return True
 
 
+PRECISION_NAMES = {"fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}
+
+
 def choose_precision(requested: str, device, cpu: Cpu) -> Tuple[str, str]:
-    """(fp32 | bf16, the reason in words) for --precision ``requested`` on ``device``."""
+    """(fp32 | bf16 | fp16, the reason in words) for --precision ``requested`` on ``device``."""
     import torch
 
+    if requested == "fp16" and device.type != "cuda":
+        raise KitError("--precision fp16 needs a CUDA device (on the CPU: bf16 or fp32)")
     if requested != "auto":
         note = ""
         if requested == "bf16" and device.type == "cpu" and not any(map(cpu.has, NATIVE_BF16)):
             note = "; no AVX512-BF16/AMX: emulated, slower than fp32"
-        return requested, f"{'bf16 autocast' if requested == 'bf16' else 'fp32'} (--precision{note})"
+        elif requested == "fp32" and device.type == "cuda":
+            note = "; TF32 off, so convolutions and products round as Caffe's fp32"
+        return requested, f"{PRECISION_NAMES[requested]} (--precision{note})"
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return "bf16", "bf16 autocast: the CUDA device supports bf16 (auto)"
-        return "fp32", "fp32: the CUDA device has no bf16 (auto)"
+        # is_bf16_supported() also says yes where bf16 is emulated: ask for the hardware instead.
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return "bf16", f"bf16 autocast: the GPU computes bf16 (compute capability {major}.{minor}) (auto)"
+        return "fp16", f"{PRECISION_NAMES['fp16']}: the GPU has no bf16 (compute capability {major}.{minor}) (auto)"
     native = [name for name in NATIVE_BF16 if cpu.has(name)]
     if not native:
         return "fp32", "fp32: no AVX512-BF16/AMX, bf16 would be emulated (auto)"

@@ -10,6 +10,12 @@ One difference, on purpose: the batch for iteration i is a pure function of (see
 and the reader position of iteration i is i * batch_size (mod the record count). So a
 resumed run sees exactly the batches an uninterrupted run would have (Caffe restarts its
 reader at the first record on resume).
+
+In a data-parallel run of N workers (caffekit/distributed.py), worker r reads the r-th
+batch_size records of each group of N x batch_size, as Caffe's solvers share one reader:
+together the workers read at iteration i what one process with batch N x batch_size reads,
+with the same crops and mirrors (worker r skips the random draws of the r x batch_size
+images before its own).
 """
 import queue
 import threading
@@ -126,7 +132,7 @@ class DataLayer:
     """A Data layer of one phase: batches of (data float32 N x C x H x W, labels float32 N)."""
 
     def __init__(self, layer: caffe_pb2.LayerParameter, train: bool, seed: int, source_path=None,
-                 mean_path=None):
+                 mean_path=None, shard: Tuple[int, int] = (0, 1)):
         p = layer.data_param
         if p.backend != caffe_pb2.DataParameter.LMDB:
             raise KitError(f"layer {layer.name!r}: only the LMDB backend is supported (add `backend: LMDB`)")
@@ -140,60 +146,76 @@ class DataLayer:
         self.train = train
         self.seed = int(seed)
         self.tops = list(layer.top)
+        self.rank, self.workers = (int(v) for v in shard)  # (worker r, of N) in a data-parallel run
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
         return (self.batch_size,) + tuple(self.transform.out_shape)
 
     def batch(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
-        """Batch number ``index`` of this layer (records index*batch_size onwards, wrapping)."""
+        """Batch number ``index`` of this layer: records index*batch_size onwards (wrapping); of worker r of
+        N, the r-th batch_size records from index*N*batch_size."""
         # Caffe mirrors at random whenever mirror is on, in TEST too; crops are random only in TRAIN.
         rng = np.random.default_rng([self.seed, index, int(self.train)])
+        _, height, width = self.source.shape
+        for _ in range(self.rank * self.batch_size):  # the draws of the workers before this one
+            self.transform.offsets(height, width, rng)
         data = np.empty(self.shape, np.float32)
         labels = np.empty(self.batch_size, np.float32)
-        start = index * self.batch_size
+        start = (index * self.workers + self.rank) * self.batch_size
         for i in range(self.batch_size):
             image, label = self.source.image_label(start + i)
             self.transform(image, rng, data[i])
             labels[i] = label
         return data, labels
 
-    def batches(self, first: int, prefetch: int = 3) -> "Prefetcher":
-        return Prefetcher(self, first, prefetch)
+    def batches(self, first: int, prefetch: int = 3, threads: int = 1, convert=None) -> "Prefetcher":
+        return Prefetcher(self, first, prefetch, threads, convert)
 
 
 class Prefetcher:
-    """Prepares batches first, first+1, ... in a background thread (numpy and LMDB release the GIL)."""
+    """Prepares batches first, first+1, ... in background threads (numpy and LMDB release the GIL): thread t of
+    T makes batches first+t, first+t+T, ... into a queue of its own, so they come out in order however the
+    threads are scheduled. ``convert`` turns each batch into what the consumer wants (pinned tensors for a GPU),
+    off the main thread too."""
 
-    def __init__(self, layer: DataLayer, first: int, depth: int = 3):
+    def __init__(self, layer: DataLayer, first: int, depth: int = 3, threads: int = 1, convert=None):
         self.layer = layer
-        self.queue: "queue.Queue" = queue.Queue(maxsize=depth)
+        self.convert = convert
+        self.first = self.next_index = first
+        per_thread = max(1, -(-depth // threads))
+        self.queues = [queue.Queue(maxsize=per_thread) for _ in range(threads)]
         self.stop = threading.Event()
-        self.next_index = first
-        self.thread = threading.Thread(target=self._run, args=(first,), daemon=True, name=f"prefetch-{layer.name}")
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, args=(first + t, threads, self.queues[t]), daemon=True,
+                                         name=f"prefetch-{layer.name}-{t}") for t in range(threads)]
+        for thread in self.threads:
+            thread.start()
 
-    def _run(self, index: int) -> None:
+    def _make(self, index: int):
+        batch = self.layer.batch(index)
+        return self.convert(batch) if self.convert is not None else batch
+
+    def _run(self, index: int, step: int, out: "queue.Queue") -> None:
         while not self.stop.is_set():
             try:
-                item = (index, self.layer.batch(index), None)
+                item = (index, self._make(index), None)
             except BaseException as exc:  # re-raised on the main thread
                 item = (index, None, exc)
             while not self.stop.is_set():
                 try:
-                    self.queue.put(item, timeout=0.1)
+                    out.put(item, timeout=0.1)
                     break
                 except queue.Full:
                     continue
             if item[2] is not None:
                 return
-            index += 1
+            index += step
 
     def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
         return self
 
     def __next__(self) -> Tuple[np.ndarray, np.ndarray]:
-        index, batch, error = self.queue.get()
+        index, batch, error = self.queues[(self.next_index - self.first) % len(self.queues)].get()
         if error is not None:
             raise error
         assert index == self.next_index
@@ -202,4 +224,5 @@ class Prefetcher:
 
     def close(self) -> None:
         self.stop.set()
-        self.thread.join(timeout=5)
+        for thread in self.threads:
+            thread.join(timeout=5)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
-from caffekit import backends, formats, models, prior, training
+from caffekit import backends, distributed, formats, models, prior, training
 from caffekit.errors import KitError
 from caffekit.snapshots import snapshot_name
 
@@ -69,7 +69,8 @@ def train(options: Options) -> Path:
                           resume=options.resume)
     else:
         final = run.two_stages(pretrain)
-    finish(options, final)
+    if distributed.workers().main:  # under torchrun, the copies are rank 0's to write, as the snapshots
+        finish(options, final)
     return final
 
 

@@ -149,7 +149,11 @@ class CaffeNet(nn.Module):
                 raise KitError(f"{source}: infogain matrix has {matrix.size} values, layer {layer.name!r} "
                                f"needs {classes} x {classes}")
             self._infogain[layer.name] = torch.from_numpy(matrix.reshape(classes, classes).astype(np.float32))
-        return self._infogain[layer.name].to(self.blobs[0].device if len(self.blobs) else "cpu")
+        matrix = self._infogain[layer.name]
+        device = self.blobs[0].device if len(self.blobs) else matrix.device
+        if matrix.device != device:  # moved once, not copied to the GPU in every forward pass
+            matrix = self._infogain[layer.name] = matrix.to(device)
+        return matrix
 
     # -- weights
     def params(self) -> List[nn.Parameter]:

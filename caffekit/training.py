@@ -42,7 +42,7 @@ class RunConfig:
     resume: Optional[str] = None   # a .solverstate (or the .caffemodel beside one)
     max_iter: Optional[int] = None  # overrides the solver's max_iter
     seed: Optional[int] = None      # overrides the solver's random_seed
-    precision: str = "auto"         # auto | fp32 | bf16
+    precision: str = "auto"         # auto | fp32 | bf16 | fp16 (CUDA)
     device: str = "auto"            # auto | cpu | cuda
     threads: Optional[int] = None   # torch CPU threads (default: all cores)
     # Filled in by prepare_run:

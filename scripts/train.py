@@ -5,6 +5,7 @@
     python scripts/train.py --net age --no-pretrain    # DATA_DIR alone, solver.prototxt (make PRETRAIN=0)
     python scripts/train.py --net age --resume models/age_net/age_net_iter_400.solverstate
     python scripts/train.py --net gender --backend caffe --solver caffe_models/gender_net/solver_levi_hassner.prototxt
+    torchrun --nproc-per-node=2 scripts/train.py --net joint   # data-parallel: 2 workers, each its own batch
 
 Two stages by default: stage 1 trains from scratch on the pre-training set that `make dataset` builds in
 DATA_DIR/pretrain (all races, the test faces of DATA_DIR held out; --pretrain-data DIR points elsewhere)
@@ -22,6 +23,10 @@ DATA_DIR), <prefix>_iter_N.caffemodel/.solverstate snapshots, train_log.csv, lea
 config.json. Ctrl-C writes a snapshot of the current iteration (exit status 130); --resume continues.
 Paths given here are relative to the working folder; relative paths inside prototxts are relative to
 the repository root, except data/..., which goes into DATA_DIR (caffekit/training.py).
+
+Under torchrun (WORLD_SIZE, RANK, LOCAL_RANK set) the torch backend trains data-parallel with Caffe's
+multi-GPU semantics: N workers of batch_size each make one step on N x batch_size; rank 0 alone writes
+and prints (caffekit/distributed.py).
 """
 import argparse
 import sys
@@ -29,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from caffekit import backends, models, stages  # noqa: E402
+from caffekit import backends, distributed, models, stages  # noqa: E402
 from caffekit.errors import cli  # noqa: E402
 
 
@@ -55,8 +60,9 @@ def build_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--no-prior", action="store_true",
                         help="do not write the prior-corrected copy of the final snapshot (keep balanced classes)")
     torch_opts = parser.add_argument_group("torch backend")
-    torch_opts.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                            help="auto: bf16 autocast where the CPU has AVX512-BF16/AMX or on CUDA, else fp32")
+    torch_opts.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                            help="auto: bf16 autocast where the CPU has AVX512-BF16/AMX or the GPU is Ampere or "
+                                 "newer, fp16 autocast with loss scaling on older GPUs, else fp32")
     torch_opts.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     torch_opts.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     torch_opts.add_argument("--no-progress", action="store_true", help="no tqdm bar (logs only)")
@@ -65,7 +71,9 @@ def build_argparser() -> argparse.ArgumentParser:
 
 @cli
 def main(argv=None) -> int:
-    stages.train(stages.Options(**vars(build_argparser().parse_args(argv))))
+    options = stages.Options(**vars(build_argparser().parse_args(argv)))
+    with distributed.quiet_unless_main():  # under torchrun, rank 0 speaks for every worker
+        stages.train(options)
     return 0
 
 

@@ -6,7 +6,13 @@ iterations and after training. Ctrl-C snapshots the current iteration and stops;
 continues from a .solverstate with the same schedule and the same batches. The run starts with a
 line naming the CPU, its features and the precision chosen (caffekit/hardware.py), and prints an
 estimate of the whole schedule's wall time once its first iterations are timed (caffekit/estimate.py).
+
+Under torchrun the run is data-parallel, with Caffe's multi-GPU semantics (caffekit/distributed.py): each worker
+trains on its own batch, the gradients are averaged by DistributedDataParallel, and rank 0 alone tests, writes
+and prints, while the others wait for it. On CUDA the batches come pinned from background threads and are copied
+to the GPU on a side stream while the previous one computes (Feed); fp16 autocast runs with a GradScaler.
 """
+import contextlib
 import random
 import signal
 import time
@@ -15,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from caffekit import formats, graph, hardware, solver as solver_lib
+from caffekit import distributed, formats, graph, hardware, solver as solver_lib
 from caffekit.backends import Backend
 from caffekit.errors import KitError
 from caffekit.estimate import ScheduleEstimate
@@ -59,24 +65,31 @@ class TorchBackend(Backend):
             config.extra["weights_copied"] = trainer.load_weights(config.weights, start_model)
         if resume_files:
             trainer.restore(resume_files[1], start_model)
-        save_run(config, param, net)
+        # Every worker has read what it needs (and decided which stage this is) before rank 0 writes.
+        distributed.barrier()
+        if trainer.workers.main:
+            save_run(config, param, net)
         last = trainer.run(later_iterations)
         if trainer.interrupted:
             raise KeyboardInterrupt
         if last is None:
             raise KitError(f"{config.solver}: the run wrote no snapshot (snapshot_after_train is false and no "
                            f"snapshot interval was reached)")
-        print(f"trained {config.net} to iteration {trainer.solver.iter}; last snapshot: {last}")
+        if trainer.workers.main:
+            print(f"trained {config.net} to iteration {trainer.solver.iter}; last snapshot: {last}")
         return last
 
 
 class StopRequest:
     """SIGINT sets a flag that the loop checks between iterations (Caffe's SolverAction::STOP),
-    so the weights are never snapshotted halfway through an update. A second Ctrl-C interrupts."""
+    so the weights are never snapshotted halfway through an update. A second Ctrl-C interrupts, unless
+    ``escalate`` is off: under torchrun every worker gets Ctrl-C twice, from the terminal and forwarded by
+    torchrun, which itself kills the workers 30 s later."""
 
-    def __init__(self):
+    def __init__(self, escalate: bool = True):
         self.requested = False
         self.previous = None
+        self.escalate = escalate
 
     def __enter__(self):
         import threading
@@ -87,7 +100,8 @@ class StopRequest:
 
     def _handler(self, signum, frame):
         self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.escalate:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __exit__(self, *exc):
         if self.previous is not None:
@@ -116,6 +130,78 @@ class SmoothedLoss:
         return self.value
 
 
+LOADER_THREADS = {"cpu": 1, "cuda": 4}  # per Data layer: on the CPU the cores are the net's; a GPU needs feeding
+
+
+class Feed:
+    """The input blobs of one phase's Data layers, batch after batch, on the device.
+
+    On CUDA the batches arrive pinned from the Prefetcher's threads and ``prepare`` starts copying the next
+    one on a side stream (non_blocking) while the current one computes, so the GPU waits neither on LMDB
+    decoding nor on the copy. On the CPU the arrays are used where they are."""
+
+    def __init__(self, torch, layers, streams, device):
+        self.torch, self.layers, self.streams, self.device = torch, layers, streams, device
+        self.copies = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ready: Optional[Dict[str, object]] = None
+
+    def prepare(self) -> None:
+        """Start bringing the next batch onto the device (nothing to do when one is on its way)."""
+        if self.ready is not None:
+            return
+        torch = self.torch
+        batches = [next(stream) for stream in self.streams]
+        inputs = {}
+        with torch.cuda.stream(self.copies) if self.copies is not None else contextlib.nullcontext():
+            for layer, (data, labels) in zip(self.layers, batches):
+                inputs[layer.tops[0]] = torch.as_tensor(data).to(self.device, non_blocking=True)
+                if len(layer.tops) > 1:
+                    inputs[layer.tops[1]] = torch.as_tensor(labels).to(self.device, non_blocking=True)
+        self.ready = inputs
+
+    def take(self) -> Dict[str, object]:
+        """The next batch, ready for the compute stream."""
+        self.prepare()
+        inputs, self.ready = self.ready, None
+        if self.copies is not None:
+            current = self.torch.cuda.current_stream(self.device)
+            current.wait_stream(self.copies)
+            for tensor in inputs.values():
+                tensor.record_stream(current)  # not reused by the allocator before the compute is done
+        return inputs
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+
+def pinned(torch, device):
+    """A Prefetcher ``convert``: a batch as tensors in page-locked memory, which a CUDA copy can read
+    asynchronously (from pageable memory it cannot)."""
+
+    def convert(batch):
+        # A new thread's CUDA calls go to GPU 0: without this, every worker would open a context there.
+        torch.cuda.set_device(device)
+        return tuple(torch.from_numpy(array).pin_memory() for array in batch)
+
+    return convert
+
+
+def scaled_update(torch, solver: solver_lib.SgdSolver):
+    """Caffe's SGD update dressed as a torch optimizer, only so that GradScaler.step can unscale the
+    gradients, skip the update when they overflowed, and otherwise call it; ``rate`` is None after a skip."""
+
+    class CaffeUpdate(torch.optim.Optimizer):
+        def __init__(self):
+            super().__init__(solver.params, {})
+            self.rate: Optional[float] = None
+
+        def step(self, closure=None):
+            self.rate = solver.apply_update()
+
+    return CaffeUpdate()
+
+
 class Trainer:
     """Caffe's Solver over torch modules. Build with a prepared (resolved) solver and net."""
 
@@ -134,16 +220,23 @@ class Trainer:
         source = config.net_resolved or "network"
         if config.threads:
             torch.set_num_threads(int(config.threads))
-        self.device = hardware.choose_device(config.device)
+        self.workers = distributed.workers()
+        self.device = distributed.device(hardware.choose_device(config.device))
         self.precision, _ = hardware.choose_precision(config.precision, self.device, hardware.read_cpu())
+        self._set_up_cuda()
+        process_group = distributed.start(self.device)
         seed = param.random_seed if param.random_seed >= 0 else random.SystemRandom().randrange(2 ** 31)
-        self.seed = int(seed)
+        self.seed = distributed.from_main(int(seed), self.device)
         config.extra.update(seed_used=self.seed, precision_used=self.precision, device_used=str(self.device),
                             torch=torch.__version__, threads_used=torch.get_num_threads())
         data = data_layers(net, source)
-        self.train_data = [lmdb_data.DataLayer(layer, train=True, seed=self.seed) for layer in data[graph.TRAIN]]
+        shard = (self.workers.rank, self.workers.size)
+        self.train_data = [lmdb_data.DataLayer(layer, train=True, seed=self.seed, shard=shard)
+                           for layer in data[graph.TRAIN]]
+        # Caffe's root solver alone tests (solver.cpp, TestAll): the other workers need no test data.
+        self.has_test = graph.TEST in data and bool(param.test_iter)
         self.test_data = None
-        if graph.TEST in data and param.test_iter:
+        if self.has_test and self.workers.main:
             self.test_data = [lmdb_data.DataLayer(layer, train=False, seed=self.seed) for layer in data[graph.TEST]]
         for layers in (self.train_data, self.test_data or []):
             counts = {len(layer.source) for layer in layers}
@@ -161,9 +254,32 @@ class Trainer:
         # Looked up at run time, so a test can swap in a deliberately wrong update rule.
         self.solver = solver_lib.SgdSolver(param, self.train_net.params(), [p.lr_mult for p in info],
                                            [p.decay_mult for p in info])
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.scaled = scaled_update(torch, self.solver) if self.scaler is not None else None
         self.last_snapshot: Optional[Path] = None
         self.snapshot_iter: Optional[int] = None
         self.interrupted = False
+        self.stop_agreed = False
+        if self.workers.distributed:
+            self._announce(process_group)
+
+    def _set_up_cuda(self) -> None:
+        torch = self.torch
+        if self.device.type != "cuda":
+            return
+        # The input shapes never change: cuDNN may time its algorithms once and keep the fastest.
+        torch.backends.cudnn.benchmark = True
+        # fp32 asked for means Caffe's fp32: TF32 would round the inputs of convolutions and products to 10 bits.
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.precision != "fp32"
+
+    def _announce(self, process_group: str) -> None:
+        """The line saying how the run is split, and the same in config.json."""
+        n, batch, iter_size = self.workers.size, self.train_data[0].batch_size, int(self.param.iter_size)
+        accumulated = f" x iter_size {iter_size}" if iter_size > 1 else ""
+        self.config.extra["distributed"] = {"workers": n, "backend": process_group, "batch_per_worker": batch,
+                                            "effective_batch": n * batch * iter_size}
+        if self.workers.main:
+            print(f"distributed: {n} workers ({process_group}), effective batch {n} x {batch}{accumulated}")
 
     @staticmethod
     def _input_shapes(layers) -> Dict[str, Tuple[int, ...]]:
@@ -191,10 +307,16 @@ class Trainer:
 
     def snapshot(self) -> Path:
         """<prefix>_iter_N.caffemodel (train-phase layers and blobs, as Caffe's Net::ToProto)
-        and .solverstate, each written atomically."""
+        and .solverstate, each written atomically; by rank 0 alone, which holds what every worker holds
+        (BatchNorm's statistics apart: its own)."""
         iteration = self.solver.iter
         model_path = snapshot_name(self.param.snapshot_prefix, iteration)
-        state_path = snapshot_name(self.param.snapshot_prefix, iteration, suffix=SOLVERSTATE)
+        self.last_snapshot, self.snapshot_iter = model_path, iteration
+        if self.workers.main:
+            self._write_snapshot(model_path, snapshot_name(self.param.snapshot_prefix, iteration, suffix=SOLVERSTATE))
+        return model_path
+
+    def _write_snapshot(self, model_path: Path, state_path: Path) -> None:
         layers = []
         for layer in self.train_net.layers:
             copy = caffe_pb2.LayerParameter()
@@ -205,38 +327,23 @@ class Trainer:
         model = graph.weights_to_model(self.net_param.name, layers, self.train_net.weights())
         formats.write_caffemodel(model_path, model)
         solver_lib.write_solverstate(state_path, self.solver.state(str(model_path)))
-        self.last_snapshot, self.snapshot_iter = model_path, iteration
-        return model_path
 
     # -- one pass
-    def _inputs(self, layers, batches) -> Dict[str, object]:
-        """The next batch of every Data layer, as the net's input blobs on the device."""
-        torch = self.torch
-        inputs = {}
-        for layer, stream in zip(layers, batches):
-            data, labels = next(stream)
-            x, y = torch.from_numpy(data), torch.from_numpy(labels)
-            if self.device.type == "cuda":
-                x, y = x.pin_memory().to(self.device, non_blocking=True), y.to(self.device)
-            inputs[layer.tops[0]] = x
-            if len(layer.tops) > 1:
-                inputs[layer.tops[1]] = y
-        return inputs
-
     def _autocast(self):
         torch = self.torch
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.precision in ("bf16", "fp16"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
         return torch.autocast(self.device.type, enabled=False)
 
-    def test(self, batches) -> Dict[str, float]:
+    def test(self, feed: Feed) -> Dict[str, float]:
         """Caffe's TestClassification: every net output averaged over test_iter batches."""
         torch = self.torch
         totals: Dict[str, float] = {}
         iters = int(self.param.test_iter[0])
         with torch.no_grad(), self._autocast():
             for _ in range(iters):
-                blobs = self.test_net(self._inputs(self.test_data, batches))
+                blobs = self.test_net(feed.take())
+                feed.prepare()
                 for name in self.test_net.outputs:
                     value = blobs[name]
                     if value.dim() == 0:
@@ -256,41 +363,58 @@ class Trainer:
         self.estimate = ScheduleEstimate(int(param.max_iter) - self.start_iter, later_iterations,
                                          "the fine-tuning stage")
         self.started = time.time()
+        # After the weights are loaded: DDP starts every worker from rank 0's parameters.
+        self.model = distributed.wrap(self.train_net, self.device)
         self._open_streams()
-        write_config(self.config)
+        if self.workers.main:
+            write_config(self.config)
         self.bar = None
-        if self.progress:
+        if self.progress and self.workers.main:
             from tqdm import tqdm
 
             self.bar = tqdm(total=int(param.max_iter), initial=self.start_iter, unit="it", desc=self.config.net,
                             dynamic_ncols=True)
         try:
-            with StopRequest() as stop:
-                while self.solver.iter < param.max_iter and not stop.requested:
+            with StopRequest(escalate=not self.workers.distributed) as stop:
+                while self.solver.iter < param.max_iter and not self._stopping(stop):
                     if self._test_due():
-                        self._test_and_log()
-                        if stop.requested:
+                        self._test_and_log(stop)
+                        if self._stopping(stop):
                             break
-                    self._step()
-                self.interrupted = stop.requested
-                self._finish()
+                    self._step(stop)
+                self.interrupted = self._stopping(stop)
+                self._finish(stop)
         finally:
             self._close()
+        distributed.barrier()  # rank 0's snapshot is on disk before any worker moves on (to stage 2)
         return self.last_snapshot
+
+    def _stopping(self, stop: StopRequest) -> bool:
+        """Whether to stop now: Ctrl-C here, or, in a data-parallel run, seen by any worker at the last
+        allreduce (they must all stop at the same iteration, or the others wait for ever)."""
+        return self.stop_agreed if self.workers.distributed else stop.requested
 
     def _open_streams(self) -> None:
         """Batch streams positioned where an uninterrupted run would be at start_iter."""
         param = self.param
-        self.train_batches = [layer.batches(self.start_iter * int(param.iter_size)) for layer in self.train_data]
-        self.test_batches = None
+        threads = LOADER_THREADS[self.device.type]
+        convert = pinned(self.torch, self.device) if self.device.type == "cuda" else None
+        first = self.start_iter * int(param.iter_size)
+        self.train_feed = Feed(self.torch, self.train_data,
+                               [layer.batches(first, threads=threads, convert=convert) for layer in self.train_data],
+                               self.device)
+        self.test_feed = None
         if self.test_data is not None:
             tests_before = sum(1 for i in range(0, self.start_iter, int(param.test_interval))
                                if i > 0 or param.test_initialization)
-            self.test_batches = [layer.batches(tests_before * int(param.test_iter[0])) for layer in self.test_data]
+            first = tests_before * int(param.test_iter[0])
+            self.test_feed = Feed(self.torch, self.test_data,
+                                  [layer.batches(first, threads=threads, convert=convert) for layer in self.test_data],
+                                  self.device)
 
     def _test_due(self) -> bool:
         iteration = self.solver.iter
-        return (self.test_batches is not None and iteration % self.param.test_interval == 0
+        return (self.has_test and iteration % self.param.test_interval == 0
                 and (iteration > 0 or self.param.test_initialization))
 
     def _snapshot_due(self) -> bool:
@@ -300,35 +424,67 @@ class Trainer:
         return self.log.seconds_before + time.time() - self.started
 
     def _say(self, text: str) -> None:
-        (self.bar.write if self.bar is not None else print)(text)
+        if self.workers.main:
+            (self.bar.write if self.bar is not None else print)(text)
 
-    def _test_and_log(self) -> None:
-        results = self.test(self.test_batches)
-        weights = self.test_net.loss_weights
-        test_loss = sum(value * weights.get(name, 0.0) for name, value in results.items())
-        accuracy = next((value for name, value in results.items() if name not in weights), "")
-        self.log.update(self.solver.iter, test_loss=float(test_loss), test_accuracy=accuracy, seconds=self._seconds())
-        self._say(f"Iteration {self.solver.iter}, test: " + ", ".join(f"{k} = {v:.4f}" for k, v in results.items()))
+    def _test_and_log(self, stop: StopRequest) -> None:
+        """Rank 0 tests while the others wait; then all agree whether to stop (which is also the wait)."""
+        if self.workers.main:
+            results = self.test(self.test_feed)
+            weights = self.test_net.loss_weights
+            test_loss = sum(value * weights.get(name, 0.0) for name, value in results.items())
+            accuracy = next((value for name, value in results.items() if name not in weights), "")
+            self.log.update(self.solver.iter, test_loss=float(test_loss), test_accuracy=accuracy,
+                            seconds=self._seconds())
+            self._say(f"Iteration {self.solver.iter}, test: " +
+                      ", ".join(f"{k} = {v:.4f}" for k, v in results.items()))
+        _, self.stop_agreed = distributed.mean_and_any(0.0, stop.requested, self.device)
 
-    def _step(self) -> None:
+    def _synchronised(self, last: bool):
+        """DDP averages the gradients in the backward pass of the last of iter_size passes only; the others
+        accumulate locally (Caffe too reduces once per iteration)."""
+        if last or not self.workers.distributed:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def _forward_backward(self, last: bool) -> float:
+        with self._synchronised(last):
+            with self._autocast():
+                blobs = self.model(self.train_feed.take())
+                loss = self.train_net.loss(blobs)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.train_feed.prepare()  # the next batch travels to the device while this one computes
+        return float(loss.detach())
+
+    def _update(self) -> float:
+        """Caffe's update; returns the rate. In fp16 through the GradScaler, which skips it (and halves its
+        scale) when the scaled gradients overflowed."""
+        if self.scaler is None:
+            return self.solver.apply_update()
+        self.scaled.rate = None
+        self.scaler.step(self.scaled)
+        self.scaler.update()
+        if self.scaled.rate is not None:
+            return self.scaled.rate
+        for p in self.solver.params:
+            p.grad = None
+        return self.solver.rate()
+
+    def _step(self, stop: StopRequest) -> None:
         """One iteration: iter_size forward/backward passes, the update, the log; then the snapshot."""
         torch, param, iteration = self.torch, self.param, self.solver.iter
         # Per-iteration seeds make dropout a function of (seed, iteration), so resuming reproduces an
-        # uninterrupted run.
-        torch.manual_seed(self.seed * 1_000_003 + iteration)
-        loss_sum = 0.0
-        for _ in range(param.iter_size):
-            with self._autocast():
-                blobs = self.train_net(self._inputs(self.train_data, self.train_batches))
-                loss = self.train_net.loss(blobs)
-            loss.backward()
-            loss_sum += float(loss.detach())
-        loss_value = loss_sum / param.iter_size
+        # uninterrupted run; each worker draws its own masks (Caffe seeds solver r with random_seed + r).
+        torch.manual_seed((self.seed + self.workers.rank) * 1_000_003 + iteration)
+        loss_sum = sum(self._forward_backward(last=k == param.iter_size - 1) for k in range(param.iter_size))
+        # The loss of the whole N x batch_size batch, so every worker logs (and stops on) the same number.
+        loss_value, self.stop_agreed = distributed.mean_and_any(loss_sum / param.iter_size, stop.requested,
+                                                                self.device)
         if not np.isfinite(loss_value):
             raise KitError(f"training diverged at iteration {iteration} (loss {loss_value}); "
                            "lower base_lr in the solver")
         smoothed = self.smoothed.add(loss_value)
-        rate = self.solver.apply_update()
+        rate = self._update()
         self.log.update(iteration, loss=loss_value, smoothed_loss=smoothed, lr=rate, seconds=self._seconds())
         displayed = bool(param.display) and iteration % param.display == 0
         if displayed:
@@ -346,7 +502,7 @@ class Trainer:
         elif displayed:
             self._write_log(plot=False)
 
-    def _finish(self) -> None:
+    def _finish(self, stop: StopRequest) -> None:
         """Caffe's end of Solve: the last snapshot and test, or the snapshot of an interrupted run."""
         if self.interrupted:
             self._say(f"interrupted: snapshotting iteration {self.solver.iter}")
@@ -356,9 +512,11 @@ class Trainer:
         if self.param.snapshot_after_train and not self._snapshot_due():
             self.snapshot()
         if self._test_due() and self.solver.iter > self.start_iter:
-            self._test_and_log()
+            self._test_and_log(stop)
 
     def _write_log(self, plot: bool) -> None:
+        if not self.workers.main:
+            return
         self.log.write()
         if plot:
             plot_curves(self.log, self.out_dir / "learning_curve.png", self.title)
@@ -366,7 +524,8 @@ class Trainer:
     def _close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        for stream in self.train_batches + (self.test_batches or []):
-            stream.close()
+        for feed in (self.train_feed, self.test_feed):
+            if feed is not None:
+                feed.close()
         if self.log.rows:
             self._write_log(plot=True)
