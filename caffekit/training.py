@@ -83,6 +83,8 @@ def prepare_run(config: RunConfig) -> Tuple[caffe_pb2.SolverParameter, caffe_pb2
         net_path = resolve_path(net_file(param), data_dir)
         net = formats.read_net(net_path)
         net_source = str(net_path)
+    # The classifiers as wide as the dataset's classes (Adience: 8 age groups; UTKFace: the shipped 9 bins).
+    net = models.fit_net(net, dataset_entry(config))
     # Validate the layer types of both phases now: a clear error before any output is written.
     for phase in (graph.TRAIN, graph.TEST):
         graph.net_layers(net, phase, net_source)
@@ -119,8 +121,17 @@ def save_run(config: RunConfig, param: caffe_pb2.SolverParameter, net: caffe_pb2
     formats.write_prototxt(config.solver_resolved, param)
     deploy = REPO / "caffe_models" / config.net / "deploy.prototxt"
     if deploy.is_file() and Path(config.extra.get("net_source", "")).parent == deploy.parent:
-        atomic.write_text(out_dir / "deploy.prototxt", deploy.read_text())
+        entry = dataset_entry(config)
+        if entry == models.by_name(config.net):  # the shipped labels: the shipped text, byte for byte
+            atomic.write_text(out_dir / "deploy.prototxt", deploy.read_text())
+        else:
+            formats.write_prototxt(out_dir / "deploy.prototxt", models.fit_net(formats.read_net(deploy), entry))
     write_config(config)
+
+
+def dataset_entry(config: RunConfig) -> "models.Model":
+    """The net's registry entry with the labels of the dataset it trains on."""
+    return models.for_dataset(models.by_name(config.net).key, config.data_dir)
 
 
 def write_config(config: RunConfig) -> None:

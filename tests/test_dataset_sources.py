@@ -6,6 +6,7 @@ import datetime
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -348,3 +349,32 @@ def test_evaluate_folds_reports_mean_and_sample_std(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         evaluate_folds.main([*map(str, folds)])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.slow
+def test_adience_age_net_trains_evaluates_and_compiles_with_its_eight_groups(adience_dir, tmp_path):
+    """Training resizes fc8 to the dataset's classes and writes the matching deploy; evaluation and the IR's JSON
+    carry the Adience groups, so the edge runner prints them."""
+    out = tmp_path / "data"
+    build(adience_dir[0], out, source="adience", fold=1, size=256, joint_size=0, seed=2, progress=False)
+    repo = Path(__file__).resolve().parents[1]
+    models_dir = tmp_path / "models"
+
+    def step(*args):
+        result = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=repo)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result
+
+    step("scripts/train.py", "--net", "age", "--backend", "torch", "--data-dir", out, "--models-dir", models_dir,
+         "--max-iter", "1", "--no-progress")
+    deploy = formats.read_net(models_dir / "age_net" / "deploy.prototxt")
+    (fc8,) = [layer for layer in deploy.layer if layer.name == "fc8"]
+    assert fc8.inner_product_param.num_output == 8
+    evaluated = step("scripts/evaluate.py", "--net", "age", "--data-dir", out, "--models-dir", models_dir,
+                     "--no-progress")
+    assert "accuracy" in evaluated.stdout
+    report = json.loads((models_dir / "age_net" / "eval" / "report.json").read_text())
+    assert report["classes"] == list(tasks.ADIENCE_AGE_LABELS)
+    step("scripts/compile_ir.py", "--net", "age", "--data-dir", out, "--models-dir", models_dir, "--precision", "FP32")
+    meta = json.loads((models_dir / "ir" / "age_net" / "FP32" / "age_net.json").read_text())
+    assert meta["outputs"][0]["labels"] == list(tasks.ADIENCE_AGE_LABELS) and meta["outputs"][0]["size"] == 8
