@@ -114,7 +114,10 @@ def dataset_age_labels(data_dir) -> Tuple[str, ...]:
     if not path.is_file():
         return tuple(AGE_LABELS)
     try:
-        labels = tuple(json.loads(path.read_text())["classes"]["age"]["labels"])
+        classes = json.loads(path.read_text()).get("classes", {})
+        if "labels" not in classes.get("age", {}):  # a manifest that names no age labels: the kit's decades
+            return tuple(AGE_LABELS)
+        labels = tuple(classes["age"]["labels"])
         age_scheme(labels)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise KitError(f"{path}: no known age labels in classes.age.labels ({exc.__class__.__name__})") from None
