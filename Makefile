@@ -28,6 +28,7 @@ INIT_WEIGHTS ?=
 MAX_ITER    ?=
 PRECISION   ?=
 DEVICE      ?=
+NPROC       ?= 1
 MODEL       ?= auto
 IMAGE       ?=
 VIDEO       ?=
@@ -66,6 +67,9 @@ TRAIN_ARGS = --backend $(BACKEND) $(DIR_ARGS) \
              $(if $(filter 0,$(PRETRAIN)),--no-pretrain) \
              $(if $(filter-out file default,$(origin PRETRAIN_DIR)),--pretrain-data $(call q,$(PRETRAIN_DIR))) \
              $(if $(filter 0,$(PRIOR)),--no-prior)
+# NPROC=N: N data-parallel workers on this machine (torchrun; README, training), each reading its own batch.
+TRAIN      = $(if $(filter-out 1,$(NPROC)),$(py) -m torch.distributed.run --standalone --nproc-per-node=$(NPROC),$(py)) \
+             scripts/train.py
 EVAL_ARGS  = $(DIR_ARGS) $(if $(WEIGHTS),--weights $(call q,$(WEIGHTS)))
 IR_ARGS    = --net $(NET) $(EVAL_ARGS)
 
@@ -107,13 +111,13 @@ dataset-val:  ## a validation set to choose schedules on, the test split untouch
 	  --hold-out $(call q,$(DATA_DIR)/splits/test.txt) $(call q,$(VAL_DIR)/splits/test.txt))
 
 train-age:  ## train AgeNet: pre-train on all races, fine-tune on RACE (PRETRAIN=0: RACE only; BACKEND=, SOLVER=, RESUME=)
-	$(py) scripts/train.py --net age $(TRAIN_ARGS)
+	$(TRAIN) --net age $(TRAIN_ARGS)
 
 train-gender:  ## train GenderNet
-	$(py) scripts/train.py --net gender $(TRAIN_ARGS)
+	$(TRAIN) --net gender $(TRAIN_ARGS)
 
 train-joint:  ## train the joint net (both tasks, one pass): pre-train on all races, fine-tune on RACE
-	$(py) scripts/train.py --net joint $(TRAIN_ARGS)
+	$(TRAIN) --net joint $(TRAIN_ARGS)
 
 test-age:  ## evaluate AgeNet on the test LMDB through OpenCV's Caffe importer
 	$(py) scripts/evaluate.py --net age $(EVAL_ARGS)

@@ -110,3 +110,10 @@ def test_dataset_train_compile_run_and_clean_under_paths_with_spaces(tmp_path):
     cleaned = step("clean", f"DEMO_DIR={root / 'no demo'}")
     assert sorted(path.name for path in root.iterdir()) == ["a photo", "solvers", "utk faces"]
     assert f"removed {data} (dataset)" in cleaned.stdout and f"removed {models} (models)" in cleaned.stdout
+
+
+def test_nproc_runs_training_under_torchrun_with_that_many_workers():
+    words = shlex.split(make("-n", "train-gender", "NPROC=2").stdout)
+    assert words[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert words[5:8] == ["scripts/train.py", "--net", "gender"]
+    assert "torch.distributed.run" not in make("-n", "train-gender").stdout  # one process by default
