@@ -8,7 +8,8 @@
 names), adience (fold files; --fold k tests on fold k and trains on the other four), imdb-wiki (.mat files and
 their filters). The source yields the faces; everything below is the same for every source.
 
-Writes into --out: lmdb/{age,gender}_{train,test}_lmdb (raw uint8 BGR CHW Datums, keys ``%08d_<file>``
+Writes into --out: lmdb/{age,gender}_{train,test}_lmdb (raw uint8 BGR CHW Datums, or JPEG ones when raw
+would exceed RAW_LIMIT_BYTES or with --encoded; keys ``%08d_<file>``
 in the order Caffe reads them; train pre-shuffled), mean.binaryproto and mean.npy (the mean of the train
 split's original images, each once, before oversampling: one mean for both tasks, so both nets subtract
 the same image), {age,gender}_test.csv (the test records in LMDB order with the true age), splits/{train,test}.txt,
@@ -18,20 +19,26 @@ source's labelling rules, output hashes, versions).
 and every byte-identical copy of them out of this build: a pre-training set built from all races that
 never sees the Asian test faces.
 Every output is written under a temporary name and renamed only when all are complete.
+
+Scale: the images are worked on in --workers processes (dataset/pool.py), a bounded number of records in
+flight, each written to its LMDB and dropped; the LMDBs are committed every --chunk records into
+--out/.partial-build, with a progress file, so that after Ctrl-C or a kill the same command resumes after
+the last committed record (dataset/partial.py). The records are the same whatever the number of workers and
+however often the build was interrupted.
 """
 import argparse
 import collections
-import concurrent.futures
 import contextlib
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -39,11 +46,14 @@ from tqdm import tqdm
 
 from caffekit import formats, models, tasks
 from caffekit.atomic import atomic_path
-from caffekit.errors import KitError, cli
+from caffekit.errors import EXIT_INTERRUPTED, KitError, cli
 from caffekit.proto import caffe_pb2
 from caffekit.tasks import AGE_LABELS, GENDER_LABELS
-from dataset import augment, imdb_wiki, sources, split, utkface
+from dataset import augment, imdb_wiki, lmdb_io, sources, split, utkface
+from dataset import partial as partial_module
 from dataset.lmdb_io import value_digest, write_lmdb
+from dataset.partial import Partial
+from dataset.pool import ordered_map
 
 TASK_LABELS = {"age": AGE_LABELS, "gender": GENDER_LABELS}  # UTKFace's; a build reads its source's age labels
 JOINT_SIZE = 72  # the joint net's LMDB images: random 64 x 64 crops in training, the centre one at test time
@@ -61,7 +71,12 @@ def label_datum_bytes(label: int) -> bytes:
     """A 1 x 1 x 1 Datum whose one pixel and label are ``label``: read by a second Data layer with one top,
     it gives the net a second label blob in the image LMDB's key order (stock Caffe has one label a Datum)."""
     return caffe_pb2.Datum(channels=1, height=1, width=1, data=bytes([label]), label=label).SerializeToString()
-JPEG_QUALITY = 95  # for --encoded Datums (the benchmark's alternative; raw is the default)
+JPEG_QUALITY = 95  # for JPEG-encoded Datums
+# Raw Datums decode to the exact pixels and need no decoding in training, but take 3 x size^2 bytes each: a
+# UTKFace build (the all-races pre-training set: 16 GB) stays raw, IMDB-WIKI (about 0.5M faces, hundreds of
+# GB raw) is written as JPEG (about 8x smaller). --raw / --encoded override.
+RAW_LIMIT_BYTES = 20e9
+MEAN_SAVE_IMAGES = 4096  # a mean's sums are saved for a resume after every this many images
 
 
 def _varint(number: int) -> bytes:
@@ -85,10 +100,10 @@ def raw_datum_bytes(image_hwc: np.ndarray, label: int) -> bytes:
     return b"".join([header, *(plane.data for plane in planes), b"\x28" + _varint(label)])
 
 
-# ---------------------------------------------------------------- per-image work, run in threads
+# ---------------------------------------------------------------- per-image work, run in worker processes
 class ImageJobs:
-    """The per-image steps of a build. They run in threads: OpenCV, NumPy's noise and array arithmetic,
-    and hashing release the GIL, and threads need no copying of records between processes."""
+    """The per-image steps of a build, run in worker processes (dataset/pool.py). Each result is a pure
+    function of its job, so neither the number of workers nor an interrupted and resumed build changes it."""
 
     def __init__(self, folder: Path, size: int, seed: int, encoded: bool):
         self.folder, self.size, self.seed, self.encoded = folder, size, seed, encoded
@@ -117,12 +132,19 @@ class ImageJobs:
             total += self.load(name, size)
         return total
 
-    def mean(self, faces, size: int, imap, progress: bool, desc: str) -> np.ndarray:
-        """The C x H x W float32 mean of ``faces`` resized to ``size``."""
-        chunks = [([face.name for face in faces[i:i + 64]], size) for i in range(0, len(faces), 64)]
-        total = np.zeros((size, size, 3), np.uint64)
-        for partial in _bar(imap(self.pixel_sum, chunks), progress, total=len(chunks), desc=desc):
-            total += partial
+    def mean(self, faces, size: int, imap, progress: bool, desc: str, partial: Partial) -> np.ndarray:
+        """The C x H x W float32 mean of ``faces`` resized to ``size``: exact integer sums of chunks of 64,
+        saved every MEAN_SAVE_IMAGES so that a resumed build goes on from there."""
+        total, done = partial.mean_sum(desc.replace(" ", "_"), (size, size, 3))
+        chunks = (([face.name for face in faces[i:i + 64]], size) for i in range(done, len(faces), 64))
+        with _bar(None, progress, total=len(faces), initial=done, desc=desc) as bar:
+            for chunk_sum in imap(self.pixel_sum, chunks, batch=1):
+                total += chunk_sum
+                step = min(64, len(faces) - done)
+                done += step
+                bar.update(step)
+                if done % MEAN_SAVE_IMAGES == 0 or done == len(faces):
+                    partial.save_mean_sum(desc.replace(" ", "_"), total, done)
         return (total / len(faces)).astype(np.float32).transpose(2, 0, 1)
 
     def record(self, job) -> tuple:
@@ -143,42 +165,28 @@ class ImageJobs:
         return key.encode(), value, value_digest(value)
 
 
-@contextlib.contextmanager
-def ordered_map(workers: int, ahead: int = 64):
-    """Yield ``imap(func, jobs)``: results in job order, at most ``ahead`` jobs in flight (bounded memory)."""
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
-
-    def imap(func, jobs):
-        pending = collections.deque()
-        for job in jobs:
-            pending.append(pool.submit(func, job))
-            if len(pending) >= ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-    try:
-        yield imap
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # on an error or Ctrl-C, drop the queued work
-
-
 # ---------------------------------------------------------------- stages
 def _bar(iterable, progress: bool, **kwargs):
     # disable=None: bars on a terminal only, so logs and captured output stay clean.
     return tqdm(iterable, disable=None if progress else True, leave=False, **kwargs)
 
 
-def check_images(candidates, jobs: "ImageJobs", imap, progress: bool):
-    """Candidates whose file is a usable image (with their sha256), and the others with reasons."""
+def check_images(candidates, jobs: "ImageJobs", imap, progress: bool, partial: Partial):
+    """Candidates whose file is a usable image (with their sha256), and the others with reasons. Each check
+    is kept in the partial build as it is made, so a resumed build checks only the files not yet checked."""
     usable, skipped = [], []
     by_name = {face.name: face for face in candidates}
-    checks = imap(jobs.check, [face.name for face in candidates])
-    for name, sha, shape, reason in _bar(checks, progress, total=len(candidates), desc="check images"):
-        if shape is None:
-            skipped.append({"file": name, "reason": reason})
-        else:
-            usable.append(by_name[name]._replace(sha256=sha))
+    names = [face.name for face in candidates]
+    done = partial.read_checks(names)
+    with partial.append_checks(len(done)) as keep:
+        made = imap(jobs.check, names[len(done):], batch=64)
+        new = ([name, sha, shape is not None, reason] for name, sha, shape, reason in made)
+        checks = itertools.chain(done, map(keep, new))
+        for name, sha, ok, reason in _bar(checks, progress, total=len(candidates), desc="check images"):
+            if ok:
+                usable.append(by_name[name]._replace(sha256=sha))
+            else:
+                skipped.append({"file": name, "reason": reason})
     return usable, skipped
 
 
@@ -315,47 +323,80 @@ def _manifest(folder, out, race, size, test_fraction, seed, encoded, source, can
 
 
 def lmdb_records(plans: Dict[str, List[split.Item]], size: int, joint_size: int):
-    """(LMDB path, [(key, file, copy, label, image size or 0 for a label Datum)]) of every LMDB of a build."""
+    """(LMDB path, record count, jobs) of every LMDB of a build. ``jobs(start)`` makes the jobs from record
+    ``start`` on, ``(key, file, copy, label, image size or 0 for a label Datum)``, lazily, as workers take them."""
+    def jobs_of(items, label, image_size):
+        return lambda start=0: ((item.key(i), item.face.name, item.copy, label(item.face), image_size)
+                                for i, item in enumerate(items) if i >= start)
+
     for name, items in plans.items():
         task, split_name = name.split("_")
         if task != "joint":
-            yield f"lmdb/{name}_lmdb", [(item.key(i), item.face.name, item.copy, item.face.label(task), size)
-                                        for i, item in enumerate(items)]
+            yield f"lmdb/{name}_lmdb", len(items), jobs_of(items, lambda face, task=task: face.label(task), size)
             continue
-        labels = [joint_labels(item.face) for item in items]
-        yield f"lmdb/joint_{split_name}_lmdb", [(item.key(i), item.face.name, item.copy, label["age"], joint_size)
-                                                for i, (item, label) in enumerate(zip(items, labels))]
-        yield f"lmdb/joint_{split_name}_gender_lmdb", [(item.key(i), item.face.name, item.copy, label["gender"], 0)
-                                                       for i, (item, label) in enumerate(zip(items, labels))]
+        for head, suffix, image_size in (("age", "", joint_size), ("gender", "_gender", 0)):
+            yield f"lmdb/joint_{split_name}{suffix}_lmdb", len(items), jobs_of(
+                items, lambda face, head=head: joint_labels(face)[head], image_size)
 
 
-def write_outputs(out: Path, plans: Dict[str, List[split.Item]], train, test, jobs: ImageJobs, imap,
-                  manifest: dict, record_bytes: int, progress: bool, joint_size: int = 0) -> None:
-    """Write every output under a temporary name; rename them all only once all are complete."""
-    with _cleanup_new_folders(out), contextlib.ExitStack() as renames:
+def write_partial_lmdbs(plans, jobs: "ImageJobs", imap, partial: Partial, record_bytes: int, progress: bool,
+                        joint_size: int, commit_every: int) -> Dict[str, dict]:
+    """Every LMDB into the partial build, each continued after its last committed key; their outputs."""
+    outputs = {}
+    for relative, n_records, make_jobs in lmdb_records(plans, jobs.size, joint_size):
+        state = partial.lmdb_state(relative, n_records)
+        if state["output"] is None:
+            write_partial_lmdb(relative, n_records, make_jobs, jobs, imap, partial, record_bytes, progress,
+                               commit_every)
+        outputs[relative] = state["output"]
+    return outputs
+
+
+def write_partial_lmdb(relative, n_records, make_jobs, jobs, imap, partial, record_bytes, progress, commit_every):
+    path = partial.lmdb_path(relative)
+    digest, last = lmdb_io.RecordHash(), b""
+    if path.exists():
+        digest, last = lmdb_io.committed(path)
+        # The jobs are a pure function of the fingerprinted inputs: the committed records are the first
+        # ones of the plan exactly when the last committed key is the plan's key at that place.
+        planned = next(make_jobs(digest.records - 1), ("",))[0] if 0 < digest.records <= n_records else ""
+        if digest.records and planned.encode() != last:
+            partial.restart_lmdb(relative, f"its last key {last.decode()!r} is not the plan's")
+            digest, last = lmdb_io.RecordHash(), b""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = imap(jobs.record, make_jobs(digest.records))
+    bar = _bar(records, progress, total=n_records, initial=digest.records, desc=relative)
+    output = write_lmdb(path, bar, n_records, record_bytes, commit_every, digest, last,
+                        lambda count, key: partial.committed(relative, count, key))
+    partial.lmdb_done(relative, output)
+
+
+def write_outputs(out: Path, plans: Dict[str, List[split.Item]], train, test, partial: Partial,
+                  lmdbs: Dict[str, dict], means: Dict[str, np.ndarray], manifest: dict, joint_size: int = 0) -> None:
+    """Move the finished LMDBs out of the partial build and write every other output, each under a temporary
+    name; rename them all only once all are complete."""
+    with contextlib.ExitStack() as renames:
         def staged(relative: str) -> Path:
             # The renames run when the stack closes, after every write succeeded; on an error or Ctrl-C
             # each temporary is removed instead. The manifest, entered first, is renamed last.
             return renames.enter_context(atomic_path(out / relative))
 
         manifest_tmp = staged("manifest.json")
-        for path, records in lmdb_records(plans, jobs.size, joint_size):
-            made = _bar(imap(jobs.record, records), progress, total=len(records), desc=path)
-            manifest["outputs"][path] = write_lmdb(staged(path), made, len(records), record_bytes)
+        for relative, output in lmdbs.items():
+            os.replace(partial.lmdb_path(relative), staged(relative))
+            manifest["outputs"][relative] = output
 
         names = ["mean.binaryproto", "mean.npy", "age_test.csv", "gender_test.csv", "splits"]
         if joint_size:
             names += ["joint_mean.binaryproto", "joint_test.csv", "joint_infogain.binaryproto"]
         files = {relative: staged(relative) for relative in names}
-        mean = jobs.mean(train, jobs.size, imap, progress, "mean")
-        formats.write_mean(files["mean.binaryproto"], mean)
+        formats.write_mean(files["mean.binaryproto"], means["mean"])
         with open(files["mean.npy"], "wb") as stream:  # np.save on a name would append ".npy"
-            np.save(stream, mean, allow_pickle=False)
+            np.save(stream, means["mean"], allow_pickle=False)
         for task in TASK_LABELS:
             files[f"{task}_test.csv"].write_text(_test_csv(plans[f"{task}_test"], task))
         if joint_size:
-            formats.write_mean(files["joint_mean.binaryproto"],
-                               jobs.mean(train, joint_size, imap, progress, "joint mean"))
+            formats.write_mean(files["joint_mean.binaryproto"], means["joint mean"])
             files["joint_test.csv"].write_text(_test_csv(plans["joint_test"], "joint"))
             files["joint_infogain.binaryproto"].write_bytes(
                 formats.array_to_blob(models.infogain_matrix()[np.newaxis, np.newaxis]).SerializeToString())
@@ -369,12 +410,40 @@ def write_outputs(out: Path, plans: Dict[str, List[split.Item]], train, test, jo
         manifest_tmp.write_text(json.dumps(manifest, indent=1) + "\n")
 
 
+def estimate_bytes(plans: Dict[str, List[split.Item]], size: int, joint_size: int) -> int:
+    """The raw LMDBs' size: each image value (3 x size x size bytes and a header) in its own 4 KB pages."""
+    def pages(value_bytes: int) -> int:
+        return (value_bytes + 64 + lmdb_io.PAGE - 1) // lmdb_io.PAGE * lmdb_io.PAGE
+
+    total = 0
+    for name, items in plans.items():
+        if name.startswith("joint"):
+            total += len(items) * (pages(3 * joint_size * joint_size) + 64)  # + the 1 x 1 label Datum
+        else:
+            total += len(items) * pages(3 * size * size)
+    return total
+
+
+def choose_datum(encoded: Optional[bool], raw_bytes: int) -> Tuple[bool, str]:
+    """Raw or JPEG-encoded Datums, and why: as asked, else raw up to RAW_LIMIT_BYTES of raw records."""
+    if encoded is not None:
+        return encoded, "--encoded given" if encoded else "--raw given"
+    size = f"the raw records would take {raw_bytes / 1e9:.1f} GB"
+    if raw_bytes > RAW_LIMIT_BYTES:
+        return True, f"{size}, above the {RAW_LIMIT_BYTES / 1e9:g} GB limit for raw (--raw overrides)"
+    return False, f"{size}, within the {RAW_LIMIT_BYTES / 1e9:g} GB limit for raw (--encoded overrides)"
+
+
 def build(utkface_dir, out, race: Optional[str] = None, size: int = 256, test_fraction: float = 0.2, seed: int = 1,
-          encoded: bool = False, workers: Optional[int] = None, progress: bool = True,
+          encoded: Optional[bool] = None, workers: Optional[int] = None, progress: bool = True,
           hold_out_lists: Sequence[Path] = (), joint_size: int = JOINT_SIZE, joint_plan: str = "age",
-          source: str = "utkface", fold: Optional[int] = None, source_options: Optional[dict] = None) -> dict:
+          source: str = "utkface", fold: Optional[int] = None, source_options: Optional[dict] = None,
+          commit_every: int = lmdb_io.COMMIT_RECORDS) -> dict:
     """Build every output into ``out`` from the ``source`` dataset in the folder ``utkface_dir``; returns the
-    manifest. ``race`` (UTKFace only) defaults to asian; ``fold`` (sources with folds) defaults to 0."""
+    manifest. ``race`` (UTKFace only) defaults to asian; ``fold`` (sources with folds) defaults to 0;
+    ``encoded`` None: JPEG Datums only when raw ones would exceed RAW_LIMIT_BYTES. ``workers`` processes
+    (default: up to 2). The work goes into ``out``/.partial-build, committed every ``commit_every`` records:
+    a rerun after an interrupt resumes it (dataset/partial.py); Ctrl-C raises BuildInterrupted."""
     folder, out = Path(utkface_dir), Path(out)
     race = race or sources.DEFAULT_RACE.get(source, "all")
     hold_out_lists = [Path(path) for path in hold_out_lists]
@@ -396,15 +465,25 @@ def build(utkface_dir, out, race: Optional[str] = None, size: int = 256, test_fr
         raise KitError(f"joint plan {joint_plan!r}: expected one of {', '.join(JOINT_PLANS)}")
     if not 0 < test_fraction < 1:
         raise KitError(f"test fraction {test_fraction}: expected a number between 0 and 1")
+    if commit_every < 1:
+        raise KitError(f"chunk {commit_every}: expected at least 1 record per commit")
     workers = workers or min(2, os.cpu_count() or 1)
     _check_writable(out)
 
     scanned = sources.scan(source, folder, race, **(source_options or {}))
     candidates, skipped, counts = scanned.faces, scanned.skipped, scanned.counts
     task_labels = {"age": list(scanned.age_labels), "gender": GENDER_LABELS}
-    jobs = ImageJobs(scanned.images, size, seed, encoded)
-    with ordered_map(workers) as imap:
-        usable, bad_images = check_images(candidates, jobs, imap, progress)
+    config = {"source": source, "input": str(folder.resolve()), "race": race, "size": size, "seed": seed,
+              "test_fraction": test_fraction, "fold": fold, "joint_size": joint_size, "joint_plan": joint_plan,
+              "encoded": encoded, "source_options": source_options or {},
+              "hold_out": hashlib.sha256("\n".join(sorted(held_names or ())).encode()).hexdigest()}
+    jobs = ImageJobs(scanned.images, size, seed, bool(encoded))
+    # The pool first: its workers fork before this process starts any thread (tqdm's monitor, the pool's own).
+    with ordered_map(workers) as imap, _cleanup_new_folders(out), _kept_on_interrupt(out) as opened:
+        partial = opened(Partial.open(out, partial_module.fingerprint(config, scanned.images, candidates), config))
+        if partial.resumed:
+            print(f"resuming the unfinished build in {partial.folder} ({partial.summary()})", file=sys.stderr)
+        usable, bad_images = check_images(candidates, jobs, imap, progress, partial)
         skipped = sorted(skipped + bad_images, key=lambda entry: entry["file"])
         if not usable:
             what = "image" if race == "all" else f"{race} image"
@@ -443,19 +522,58 @@ def build(utkface_dir, out, race: Optional[str] = None, size: int = 256, test_fr
             plans["joint_test"] = test_items
             classes.update(joint_classes(train, plans["joint_train"], test))
 
+        raw_bytes = estimate_bytes(plans, size, joint_size)
+        jobs.encoded, why = choose_datum(encoded, raw_bytes)
         # An upper bound of one record (a JPEG of a noisy image stays well under the raw size plus a page).
-        record_bytes = 3 * size * size + (4096 if encoded else 64)
-        needed = sum(len(items) for items in plans.values()) * record_bytes // (6 if encoded else 1)
+        record_bytes = 3 * size * size + (4096 if jobs.encoded else 64)
+        total = sum(len(items) for items in plans.values()) + (len(plans.get("joint_train", ())) +
+                                                                len(plans.get("joint_test", ())))
+        left = 1 - partial.records_committed() / total
+        needed = int(raw_bytes * left / (8 if jobs.encoded else 1))
         if _free_bytes(out) < needed * 1.05:
-            raise KitError(f"{out}: the build needs about {needed / 1e9:.1f} GB, {_free_bytes(out) / 1e9:.1f} GB free"
-                           + ("" if encoded else " (--encoded needs about 8x less)"))
+            raise KitError(f"{out}: the build needs about {needed / 1e9:.1f} GB more, {_free_bytes(out) / 1e9:.1f} GB "
+                           "free" + ("" if jobs.encoded else " (--encoded needs about 8x less)"))
 
-        manifest = _manifest(folder, out, race, size, test_fraction, seed, encoded, counts, candidates, usable,
+        manifest = _manifest(folder, out, race, size, test_fraction, seed, jobs.encoded, counts, candidates, usable,
                              faces, skipped, groups, train, test, classes, held_out, source, fold, scanned.rules)
+        manifest["config"]["datum_choice"] = why
         manifest["config"]["joint_size"] = joint_size
         manifest["config"]["joint_plan"] = joint_plan
-        write_outputs(out, plans, train, test, jobs, imap, manifest, record_bytes, progress, joint_size)
+        lmdbs = write_partial_lmdbs(plans, jobs, imap, partial, record_bytes, progress, joint_size, commit_every)
+        means = {"mean": jobs.mean(train, size, imap, progress, "mean", partial)}
+        if joint_size:
+            means["joint mean"] = jobs.mean(train, joint_size, imap, progress, "joint mean", partial)
+        write_outputs(out, plans, train, test, partial, lmdbs, means, manifest, joint_size)
+        partial.remove()
     return manifest
+
+
+class BuildInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a build, with what was kept for a rerun to resume."""
+
+
+@contextlib.contextmanager
+def _kept_on_interrupt(out: Path):
+    """Yield ``opened(partial)``, which registers the partial build: on Ctrl-C it is kept (and the interrupt
+    says so), on a KitError (wrong inputs: nothing worth resuming) it is removed."""
+    held = []
+
+    def opened(partial: Partial) -> Partial:
+        held.append(partial)
+        return partial
+
+    try:
+        yield opened
+    except KitError:
+        for partial in held:
+            partial.remove()
+        raise
+    except KeyboardInterrupt:
+        kept = f"{held[0].summary()} in {held[0].folder}" if held else "nothing written yet"
+        raise BuildInterrupted(kept) from None
+    finally:
+        for partial in held:
+            partial.close()
 
 
 def joint_classes(train, train_plan, test) -> Dict[str, dict]:
@@ -500,9 +618,16 @@ def build_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--size", default=256, type=int, help="square image size in the LMDBs (default: 256)")
     parser.add_argument("--test-fraction", default=0.2, type=float, help="share of faces for test (default: 0.2)")
     parser.add_argument("--seed", default=1, type=int, help="seed of the split, oversampling and order (default: 1)")
-    parser.add_argument("--encoded", action="store_true",
-                        help="store JPEG-encoded Datums (quality 95): about 8x smaller, not pixel-exact; "
-                             "the default raw Datums decode back to the exact resized pixels")
+    datum = parser.add_mutually_exclusive_group()
+    datum.add_argument("--encoded", action="store_true", default=None,
+                       help="store JPEG-encoded Datums (quality 95): about 8x smaller, not pixel-exact "
+                            f"(default: when raw records would exceed {RAW_LIMIT_BYTES / 1e9:g} GB)")
+    datum.add_argument("--raw", dest="encoded", action="store_false",
+                       help="store raw Datums, which decode back to the exact resized pixels, whatever the size")
+    parser.add_argument("--workers", type=int, help="worker processes (default: up to 2, one per core)")
+    parser.add_argument("--chunk", type=int, default=lmdb_io.COMMIT_RECORDS,
+                        help="records per committed chunk: how much an interrupted build can lose "
+                             f"(default: {lmdb_io.COMMIT_RECORDS})")
     parser.add_argument("--joint-size", default=JOINT_SIZE, type=int,
                         help=f"image size of the joint net's LMDBs (default: {JOINT_SIZE}; 0: no joint LMDBs)")
     parser.add_argument("--joint-plan", default="age", choices=JOINT_PLANS,
@@ -531,9 +656,16 @@ def main(argv=None) -> None:
                if getattr(args, key) is not None}
     if options and args.source != "imdb-wiki":
         raise KitError(f"--{next(iter(options)).replace('_', '-')}: an imdb-wiki filter, not for --source {args.source}")
-    manifest = build(args.input, args.out, args.race, args.size, args.test_fraction, args.seed, args.encoded,
-                     hold_out_lists=args.hold_out, joint_size=args.joint_size, joint_plan=args.joint_plan,
-                     source=args.source, fold=args.fold, source_options=options)
+    if args.workers is not None and args.workers < 1:
+        raise KitError(f"--workers {args.workers}: expected at least 1")
+    try:
+        manifest = build(args.input, args.out, args.race, args.size, args.test_fraction, args.seed, args.encoded,
+                         workers=args.workers, hold_out_lists=args.hold_out, joint_size=args.joint_size,
+                         joint_plan=args.joint_plan, source=args.source, fold=args.fold, source_options=options,
+                         commit_every=args.chunk)
+    except BuildInterrupted as interrupt:
+        print(f"interrupted: {interrupt}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     print(format_tables({task: table for task, table in manifest["classes"].items() if task in TASK_LABELS}))
     source, duplicates = manifest["source"], manifest["duplicates"]
     selected = f"{source['selected']} {manifest['config']['race']}" if args.source == "utkface" else \
@@ -549,7 +681,8 @@ def main(argv=None) -> None:
         held = manifest["held_out"]
         print(f"held out {held['faces_removed']} faces listed in {held['list']} "
               f"({held['copies_under_other_names']} of them copies under other names)")
-    print(f"wrote {args.out}/lmdb/*_lmdb, mean.binaryproto, mean.npy, *_test.csv, splits/, manifest.json")
+    print(f"wrote {args.out}/lmdb/*_lmdb ({manifest['config']['datum']}: {manifest['config']['datum_choice']}), "
+          "mean.binaryproto, mean.npy, *_test.csv, splits/, manifest.json")
 
 
 if __name__ == "__main__":

@@ -2,14 +2,14 @@
 
 The content hash of an LMDB covers what Caffe reads, not ``data.mdb``, whose free pages and layout
 vary from run to run: the sha256 of its records in key order, each as ``len(key)`` (little-endian
-uint32), the key, and the sha256 of the value. Hashing each value separately lets the threads that make
-the records hash them in parallel.
+uint32), the key, and the sha256 of the value. Hashing each value separately lets the worker processes that make
+the records hash them in parallel, and lets a resumed build hash again what an interrupted one committed.
 """
 import hashlib
 import os
 import struct
 from pathlib import Path
-from typing import Iterable, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import lmdb
 
@@ -17,6 +17,8 @@ PAGE = 4096
 # Commit about this many bytes per transaction: big enough to be fast, small enough that
 # LMDB's dirty-page list never spills.
 TXN_BYTES = 256 << 20
+# ... and at least every this many records: each commit is a point an interrupted build resumes from.
+COMMIT_RECORDS = 1024
 
 
 def value_digest(value: bytes) -> bytes:
@@ -42,11 +44,26 @@ def map_size(n_records: int, max_value_bytes: int) -> int:
     return (n_records * pages_per_record + 1024) * PAGE * 5 // 4
 
 
+def committed(path: Path) -> Tuple[RecordHash, bytes]:
+    """The content hash so far and the last key of an LMDB that an interrupted build left: what it committed
+    is kept, and the build goes on after the last key (each value is read and hashed again, not remade)."""
+    digest, last = RecordHash(), b""
+    for key, value in read_records(path):
+        digest.update(key, value_digest(value))
+        last = key
+    return digest, last
+
+
 def write_lmdb(path: Path, records: Iterable[Tuple[bytes, bytes, bytes]], n_records: int,
-               max_value_bytes: int) -> dict:
-    """Write ``records`` (key, value, value_digest(value)) in the order given (keys must increase)
-    into a new LMDB folder; returns the record count and content hash."""
-    digest = RecordHash()
+               max_value_bytes: int, commit_every: int = COMMIT_RECORDS, resume: Optional[RecordHash] = None,
+               last_key: bytes = b"", on_commit: Optional[Callable[[int, bytes], None]] = None) -> dict:
+    """Write ``records`` (key, value, value_digest(value)) in the order given (keys must increase) into the
+    LMDB folder ``path``; returns the record count and content hash of the whole LMDB.
+
+    Records are committed every ``commit_every`` records (or TXN_BYTES), and ``on_commit(records, last key)``
+    is told after each commit: a resume point. ``resume`` (with ``last_key``, from ``committed``) continues
+    an LMDB already holding that many records; ``records`` then holds the rest, and ``n_records`` counts all."""
+    digest = resume or RecordHash()
     # writemap: records are copied straight into the file's pages instead of into malloc'd pages that a
     # commit then writes out; this halves the write time of a raw build (I/O-bound on a small VM).
     env = lmdb.open(str(path), map_size=map_size(n_records, max_value_bytes), subdir=True, writemap=True,
@@ -54,23 +71,28 @@ def write_lmdb(path: Path, records: Iterable[Tuple[bytes, bytes, bytes]], n_reco
     used_bytes = 0
     try:
         txn = env.begin(write=True)
-        pending = 0
-        previous = b""
+        pending_bytes = pending = 0
+        previous = last_key
         for key, value, digest_of_value in records:
             if key <= previous:
                 raise ValueError(f"LMDB keys out of order: {key!r} after {previous!r}")
             previous = key
             txn.put(key, value, append=True)
             digest.update(key, digest_of_value)
-            pending += len(value)
-            if pending >= TXN_BYTES:
+            pending_bytes += len(value)
+            pending += 1
+            if pending >= commit_every or pending_bytes >= TXN_BYTES:
                 txn.commit()
+                if on_commit:
+                    on_commit(digest.records, key)
                 txn = env.begin(write=True)
-                pending = 0
+                pending_bytes = pending = 0
         txn.commit()
+        if on_commit and pending:
+            on_commit(digest.records, previous)
         used_bytes = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-        # No fsync: the page cache writes the data out in its own time. A build is all-or-nothing through
-        # the atomic rename; waiting here for gigabytes to reach the disk would only make it slower.
+        # No fsync: the page cache writes the data out in its own time (a killed process loses nothing
+        # committed; a power cut may, and the build's check of the last key then starts that LMDB over).
     except BaseException:
         txn.abort()
         raise

@@ -166,17 +166,24 @@ def test_unwritable_out_fails_with_one_line_and_leaves_nothing(demo_dir, tmp_pat
         assert list(locked.iterdir()) == []
 
 
-def test_interrupted_build_leaves_no_partial_output(demo_dir, tmp_path):
+def test_interrupted_build_keeps_its_work_for_the_rerun_and_no_output(demo_dir, tmp_path):
     out = tmp_path / "data"
-    # Stopped as it starts its second LMDB, with the first complete under a temporary name: Ctrl-C there.
-    process = start_paused(["-m", "dataset.build", "--utkface", demo_dir, "--out", out, "--size", "64"],
-                           "write_lmdb", nth=2)
-    assert [path.name for path in (out / "lmdb").iterdir()] == [f".age_train_lmdb.tmp-{process.pid}"]
+    command = ["-m", "dataset.build", "--utkface", demo_dir, "--out", out, "--size", "64"]
+    # Stopped as it starts its second LMDB, with the first complete in the partial build: Ctrl-C there.
+    process = start_paused(command, "write_lmdb", nth=2)
+    assert sorted(path.name for path in (out / ".partial-build" / "lmdb").iterdir()) == ["age_train_lmdb"]
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    assert stderr.strip().splitlines()[-1] == "interrupted"
-    assert nothing_left(out)
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("interrupted: ") and line.endswith("; rerun the same command to resume"), line
+    assert os.listdir(out) == [".partial-build"]  # no output appears before all are complete
+
+    again = subprocess.run([sys.executable, *map(str, command)], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "resuming the unfinished build" in again.stderr and "1 LMDBs complete" in again.stderr
+    assert ".partial-build" not in os.listdir(out) and (out / "manifest.json").is_file()
 
 
 def test_failed_build_keeps_the_previous_outputs(demo_dir, tmp_path):
