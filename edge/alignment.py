@@ -17,6 +17,7 @@ import numpy as np
 import cv2
 
 ALIGN_KEYPOINTS = ("right_eye", "left_eye", "mouth_centre")  # the steadiest three; ears vanish in profile
+CHIP_SIDE = 200  # pixels of a UTKFace chip
 
 # Measured (see above): 1,000 chips of data/pretrain/splits/train.txt (all races), shuffled with seed 0,
 # 200 px chips padded by 100 px; BlazeFace short range found a face on 999 of them. Eyes sit at 30% of
@@ -43,19 +44,22 @@ def similarity(source, target):
     return np.array([[k.real, -k.imag, shift[0]], [k.imag, k.real, shift[1]]])
 
 
-def template_points(template, names=ALIGN_KEYPOINTS):
+def template_points(template, names):
     """(N, 2) chip-relative positions of ``names`` from a template dict {"keypoints": {name: [x, y]}}."""
     return np.array([template["keypoints"][name] for name in names], np.float64)
 
 
 def aligned_chip(frame, keypoints, keypoint_names, template, side):
     """The ``side`` x ``side`` chip of one face: ``keypoints`` (frame pixels, ordered as ``keypoint_names``)
-    warped onto the template's, scaled to ``side`` pixels. Outside the frame is black, as at the
-    edges of UTKFace chips cut from photos."""
+    warped onto the template's in a chip of UTKFace's own CHIP_SIDE pixels, then resized to ``side`` as the
+    dataset stage resized the chips (bilinear): the nets learned that resampling's look, aliasing and all,
+    and a warp straight to 72 pixels looks different. Outside the frame is black, as at the edges of
+    UTKFace chips cut from photos."""
     index = [list(keypoint_names).index(name) for name in ALIGN_KEYPOINTS]
-    matrix = similarity(np.asarray(keypoints)[index], template_points(template) * side)
-    return cv2.warpAffine(frame, matrix, (side, side), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=(0, 0, 0))
+    matrix = similarity(np.asarray(keypoints)[index], template_points(template, ALIGN_KEYPOINTS) * CHIP_SIDE)
+    chip = cv2.warpAffine(frame, matrix, (CHIP_SIDE, CHIP_SIDE), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+    return chip if side == CHIP_SIDE else cv2.resize(chip, (side, side), interpolation=cv2.INTER_LINEAR)
 
 
 def measure_template(paths, detector, pad=100):

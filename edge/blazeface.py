@@ -25,7 +25,7 @@ DETECTOR_FOLDER = "face_detector"
 DETECTOR_JSON = "face_detector.json"
 DETECTOR_FORMAT = 1
 # A tiled photo gives the short-range model 15 or so looks instead of one, and as many chances of a false
-# face: on the tiles a face must score 0.7, not the model's 0.5. On insightface's six-person photo the six
+# face: in a tiled photo its faces must score 0.7, not the model's 0.5. On insightface's six-person photo the six
 # faces score 0.89-0.97 and the two false ones (a hand, poker chips) 0.65 and 0.53.
 TILE_MIN_SCORE = 0.7
 
@@ -253,27 +253,29 @@ def tiles(width, height, side, overlap=0.5):
 
 
 class TiledBlazeFace(object):
-    """Faces of every size in a photo: the whole-frame model (full range where OpenVINO runs it) plus the
-    short-range model on overlapping tiles of half the photo's shorter side, where a face of a group
-    photo becomes as large as the short-range model expects. Candidates touching a tile's inner edge are
-    dropped (the face is whole in a neighbouring tile); the rest are merged by one weighted suppression."""
+    """Faces of every size in a photo: the full-range model on the whole photo (where OpenVINO runs it),
+    and the short-range model on the whole photo and on overlapping tiles of half its shorter side, where a
+    face of a group photo becomes as large as the short-range model expects. Short-range candidates
+    touching a tile's inner edge are dropped (the face is whole in a neighbouring tile); the rest are
+    merged by one weighted suppression."""
 
-    def __init__(self, whole, tiled):
-        self.whole, self.tiled = whole, tiled
-        self.keypoint_names, self.iou = tiled.keypoint_names, tiled.iou
+    def __init__(self, full, short):
+        self.full, self.short = full, short  # full: None without OpenVINO
+        self.keypoint_names, self.iou = short.keypoint_names, short.iou
 
     def detect(self, frame):
         height, width = frame.shape[:2]
-        parts = [self.whole.candidates(frame)]
+        parts = [self.full.candidates(frame)] if self.full is not None else []
         side = min(height, width) // 2
-        if side >= 2 * self.tiled.size:  # smaller photos: the whole-frame pass sees their faces large enough
-            for x, y, _ in tiles(width, height, side):
-                boxes, keypoints, scores = self.tiled.candidates(frame[y:y + side, x:x + side])
-                margin = 2.0
-                inside = ((boxes[:, 0] > margin) | (x == 0)) & ((boxes[:, 1] > margin) | (y == 0)) & \
-                         ((boxes[:, 2] < side - margin) | (x + side >= width)) & \
-                         ((boxes[:, 3] < side - margin) | (y + side >= height))
-                inside &= scores >= TILE_MIN_SCORE
-                parts.append((boxes[inside] + [x, y, x, y], keypoints[inside] + [x, y], scores[inside]))
+        windows = [(0, 0, width, height)]
+        if side >= 2 * self.short.size:  # smaller photos: the whole-frame passes see their faces large enough
+            windows += [(x, y, side, side) for x, y, _ in tiles(width, height, side)]
+        for x, y, w, h in windows:
+            boxes, keypoints, scores = self.short.candidates(frame[y:y + h, x:x + w])
+            margin = 2.0
+            keep = ((boxes[:, 0] > margin) | (x == 0)) & ((boxes[:, 1] > margin) | (y == 0)) & \
+                   ((boxes[:, 2] < w - margin) | (x + w >= width)) & \
+                   ((boxes[:, 3] < h - margin) | (y + h >= height)) & (scores >= TILE_MIN_SCORE)
+            parts.append((boxes[keep] + [x, y, x, y], keypoints[keep] + [x, y], scores[keep]))
         boxes, keypoints, scores = (np.concatenate(arrays) for arrays in zip(*parts))
         return detections(weighted_nms(boxes, keypoints, scores, self.iou), frame.shape)

@@ -42,8 +42,8 @@ DETECT_WIDTH = 320    # detection runs on a copy this wide (or the frame, if nar
 MIN_FACE = 30         # smallest face searched for, in pixels of the detection copy (60 px at 640 wide)
 SCALE_STEP = 1.15     # cascade pyramid step: 1.1 finds a few more faces at nearly twice the cost
 DETECTORS = ("auto", "blazeface", "haar")
-# BlazeFace: short range (faces within ~2 m), full range (groups, rooms), tiled (full range + short range on
-# tiles: photos with faces of any size)
+# BlazeFace: short range (faces within ~2 m), full range (groups, rooms), tiled (both on the whole photo, and
+# short range on tiles: photos with faces of any size)
 RANGES = ("auto", "short", "full", "tiled")
 
 # How a detection becomes a chip: from its box (scale, shift_y as for Haar above), or, when ``template``
@@ -118,9 +118,9 @@ class FramedDetector(object):
 def load_detector(models_dir, choice="auto", range_choice="auto", stream=False, openvino=None, align=True):
     """The face detector the runner uses: BlazeFace when built into ``models_dir`` (``make detector``),
     else the Haar cascade; ``choice`` "haar" or "blazeface" insists. Range "auto": short range for
-    video and camera (2 ms a frame), "tiled" for photos (faces of any size: 6 ms plus 2 ms a tile).
-    "full" is the full-range model alone. OpenCV cannot read the full-range model's sparse weights:
-    without OpenVINO, "tiled" uses the short-range model on the whole photo too."""
+    video and camera (2 ms a frame), "tiled" for photos (faces of any size: both models on the whole photo,
+    7 ms, plus 2 ms a tile on large photos). "full" is the full-range model alone. OpenCV cannot read the
+    full-range model's sparse weights: without OpenVINO, "tiled" runs the short-range model only."""
     if choice == "haar":
         return HaarDetector()
     meta = read_detector_json(models_dir)
@@ -144,8 +144,8 @@ def load_detector(models_dir, choice="auto", range_choice="auto", stream=False, 
     if range_choice == "short":
         detector = short
     else:
-        whole = BlazeFace(meta, "full_range", engine, openvino) if engine == "openvino" else short
-        detector = whole if range_choice == "full" else TiledBlazeFace(whole, short)
+        full = BlazeFace(meta, "full_range", engine, openvino) if engine == "openvino" else None
+        detector = full if range_choice == "full" else TiledBlazeFace(full, short)
     name = "BlazeFace {} range ({}), {}".format(range_choice, "OpenVINO CPU" if engine == "openvino" else
                                                 "OpenCV tflite", "aligned" if align else "box framing")
     return FramedDetector(detector, framing, name)

@@ -238,8 +238,8 @@ def main(argv=None) -> None:
         detectors = [("Haar cascade", HaarDetector())]
         photo_detectors = [("Haar cascade", "haar", detectors[0][1])]
         if read_detector_json(str(ir)) is not None:
-            for variant in ("short", "full"):
-                for align in (False, True):
+            for variant in ("short", "full", "tiled"):
+                for align in (False, True) if variant != "tiled" else (True,):
                     detector = load_detector(str(ir), "blazeface", variant, False, openvino, align)
                     detectors.append((f"BlazeFace {variant} range, " + ("aligned" if align else "box framing"),
                                       detector))
