@@ -356,10 +356,14 @@ def write_partial_lmdbs(plans, jobs: "ImageJobs", imap, partial: Partial, record
 
 
 def write_partial_lmdb(relative, n_records, make_jobs, jobs, imap, partial, record_bytes, progress, commit_every):
+    """One LMDB: what an interrupted run committed is kept (hashed again from the LMDB), the rest is made."""
     path = partial.lmdb_path(relative)
     digest, last = lmdb_io.RecordHash(), b""
     if path.exists():
-        digest, last = lmdb_io.committed(path)
+        try:
+            digest, last = lmdb_io.committed(path)
+        except lmdb_io.lmdb.Error as exc:  # e.g. cut short by a power cut before the page cache reached the disk
+            partial.restart_lmdb(relative, f"it cannot be read ({exc})")
         # The jobs are a pure function of the fingerprinted inputs: the committed records are the first
         # ones of the plan exactly when the last committed key is the plan's key at that place.
         planned = next(make_jobs(digest.records - 1), ("",))[0] if 0 < digest.records <= n_records else ""
