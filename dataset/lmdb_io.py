@@ -64,11 +64,15 @@ def write_lmdb(path: Path, records: Iterable[Tuple[bytes, bytes, bytes]], n_reco
     is told after each commit: a resume point. ``resume`` (with ``last_key``, from ``committed``) continues
     an LMDB already holding that many records; ``records`` then holds the rest, and ``n_records`` counts all."""
     digest = resume or RecordHash()
-    # writemap: records are copied straight into the file's pages instead of into malloc'd pages that a
-    # commit then writes out; this halves the write time of a raw build (I/O-bound on a small VM).
-    env = lmdb.open(str(path), map_size=map_size(n_records, max_value_bytes), subdir=True, writemap=True,
-                    map_async=True, meminit=False, sync=False, metasync=False, readahead=False)
-    used_bytes = 0
+
+    def open_env():
+        # writemap: records are copied straight into the file's pages instead of into malloc'd pages that a
+        # commit then writes out; this halves the write time of a raw build (I/O-bound on a small VM).
+        return lmdb.open(str(path), map_size=map_size(n_records, max_value_bytes), subdir=True, writemap=True,
+                         map_async=True, meminit=False, sync=False, metasync=False, readahead=False)
+
+    env = open_env()
+    used_bytes = mapped_bytes = 0
     try:
         txn = env.begin(write=True)
         pending_bytes = pending = 0
@@ -85,6 +89,12 @@ def write_lmdb(path: Path, records: Iterable[Tuple[bytes, bytes, bytes]], n_reco
                 txn.commit()
                 if on_commit:
                     on_commit(digest.records, key)
+                mapped_bytes += pending_bytes
+                if mapped_bytes >= TXN_BYTES:
+                    # The pages written through the map count as this process's resident memory until it is
+                    # unmapped: a map held for a whole 100 GB LMDB would look like 100 GB of memory.
+                    env.close()
+                    env, mapped_bytes = open_env(), 0
                 txn = env.begin(write=True)
                 pending_bytes = pending = 0
         txn.commit()

@@ -12,7 +12,7 @@ import pytest
 
 from caffekit import formats
 from dataset import build as build_module
-from dataset import partial, pool, utkface
+from dataset import lmdb_io, partial, pool, utkface
 from dataset.build import BuildInterrupted, ImageJobs, build, choose_datum
 from dataset.lmdb_io import read_records
 from test_atomic import default_sigint
@@ -44,8 +44,9 @@ def all_records(out):
     return {path.name: list(read_records(path)) for path in sorted((out / "lmdb").iterdir())}
 
 
-def test_one_and_two_worker_processes_write_identical_records(faces, reference, tmp_path):
+def test_one_and_two_worker_processes_write_identical_records(faces, reference, tmp_path, monkeypatch):
     out, manifest = reference
+    monkeypatch.setattr(lmdb_io, "TXN_BYTES", 100_000)  # commits by size too, and the map reopened after each
     two = build(faces, tmp_path / "two", race="all", size=SIZE, seed=SEED, workers=2, progress=False,
                 commit_every=5)
     assert two["outputs"] == manifest["outputs"]
