@@ -140,21 +140,20 @@ def faces(tmp_path_factory):
     return folder
 
 
-def test_a_build_killed_with_sigkill_leaves_a_temporary_lmdb_that_the_next_build_removes(faces, tmp_path):
+def test_a_build_killed_with_sigkill_keeps_its_work_aside_and_the_rerun_resumes_and_clears_it(faces, tmp_path):
     out = tmp_path / "data"
     build = ["-m", "dataset.build", "--utkface", faces, "--out", out, "--size", "64"]
-    # Stopped as it starts the second LMDB: the first is complete under its temporary name.
-    proc = start_paused(build, "write_lmdb", nth=2)
+    # Stopped as the second LMDB is done: the first is committed in the unfinished build's folder.
+    proc = start_paused(build, "lmdb_done", nth=2)
     kill_9(proc)
-    (left,) = hidden_leftovers(out)
-    assert left.startswith(".age_train_lmdb.tmp-") and (out / "lmdb" / left / "data.mdb").is_file()
+    assert (out / ".partial-build" / "progress.json").is_file()
+    assert not (out / "manifest.json").exists() and not (out / "lmdb").exists()  # no output under its own name
 
     again = subprocess.run([sys.executable, *map(str, build)], cwd=REPO, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0, again.stderr
-    assert hidden_leftovers(out) == []
-    assert again.stderr.splitlines() == [f"removed {out / 'lmdb' / left}: a temporary left by process {proc.pid}, "
-                                         "which no longer runs"]
+    assert "resuming the unfinished build" in again.stdout + again.stderr
+    assert not (out / ".partial-build").exists() and hidden_leftovers(out) == []
     assert (out / "manifest.json").is_file() and (out / "lmdb" / "age_train_lmdb" / "data.mdb").is_file()
 
 
