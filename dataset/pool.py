@@ -17,8 +17,10 @@ import contextlib
 import ctypes
 import itertools
 import multiprocessing
+import os
 import signal
 import sys
+import time
 from typing import Callable, Iterable, Iterator
 
 IN_FLIGHT = 128  # records: 128 raw 256 x 256 Datums are 25 MB
@@ -37,15 +39,21 @@ def _worker_init() -> None:
     cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would only compete
 
 
+def _started(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def _run_batch(func: Callable, jobs: list) -> list:
     return [func(job) for job in jobs]
 
 
 def _context():
-    # fork starts a worker in milliseconds with the modules already imported; the pool is created before the
-    # build starts any thread, which is what makes fork safe. Elsewhere: spawn.
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    # spawn, not fork: a process that already runs threads (OpenVINO's, torch's, a test runner's) can hold a lock
+    # at the moment of the fork, and the child then waits on it for ever (the whole test suite hung so once).
+    # Not forkserver either: its workers are the server's children, so PR_SET_PDEATHSIG cannot tie them to this
+    # process, and a build killed with SIGKILL left them running.
+    return multiprocessing.get_context("spawn")
 
 
 @contextlib.contextmanager
@@ -57,7 +65,10 @@ def ordered_map(workers: int, in_flight: int = IN_FLIGHT):
         yield lambda func, jobs, batch=BATCH: map(func, jobs)
         return
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=_context(), initializer=_worker_init)
-    pool.submit(int).result()  # forks every worker now (a fork pool starts them all at the first job)
+    # Start every worker now and let each run _worker_init (PR_SET_PDEATHSIG) before the first real job: the
+    # executor starts workers one at a time as jobs wait, and a build killed while one was still starting left
+    # it running. Each sleeping job keeps its worker busy, so the next goes to a new one.
+    list(pool.map(_started, [0.2] * workers))
 
     def imap(func: Callable, jobs: Iterable, batch: int = BATCH) -> Iterator:
         jobs, batch = iter(jobs), max(1, min(batch, in_flight))
