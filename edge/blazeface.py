@@ -171,10 +171,8 @@ class BlazeFace(object):
         self.engine = engine
         if engine == "openvino":
             self._run = self._openvino_runner(folder, model, openvino, precision)
-            self.name = "BlazeFace {} (OpenVINO {} CPU)".format(variant, precision)
         else:
             self._run = self._opencv_runner(folder, model)
-            self.name = "BlazeFace {} (OpenCV DNN, tflite)".format(variant)
 
     def _openvino_runner(self, folder, model, openvino, precision):
         Core = openvino[0]
