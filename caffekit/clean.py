@@ -3,9 +3,11 @@
     python -m caffekit.clean data models demo
 
 A folder is deleted only if it carries the kit's mark: a dataset's manifest.json (dataset.build), the
-demo's marker file (scripts/demo.py), or a models folder's layout (<net>_net folders that training or
-evaluation wrote, ir/ from compile_ir.py, and models folders nested in it such as pretrain/). If any
-folder named lacks the mark, nothing is deleted: a mistyped variable must not cost a folder of one's own.
+demo's marker file (scripts/demo.py), a models folder's layout (<net>_net folders that training or
+evaluation wrote, ir/ from compile_ir.py, models folders nested in it such as pretrain/, and the summary
+of `make evaluate-folds`), or a folder of datasets only (`make evaluate-folds` puts one per fold in
+DATA_DIR). If any folder named lacks the mark, nothing is deleted: a mistyped variable must not cost a
+folder of one's own.
 Folders that do not exist are skipped.
 """
 import argparse
@@ -21,18 +23,28 @@ from caffekit.errors import KitError, cli
 DEMO_MARKER = ".agegender-kit-demo"
 NETS = tuple(model.name for model in models.MODELS.values())  # the folders training and compiling write
 MANIFEST_KEYS = {"config", "outputs", "classes"}  # what every manifest.json of dataset.build holds
+FOLDS_SUMMARY_KEYS = {"folds", "per_fold", "summary"}  # what scripts/evaluate_folds.py --out writes
 
 
 def _visible(folder: Path):
     return [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
 
 
-def _is_dataset(folder: Path) -> bool:
+def _json_with(path: Path, keys) -> bool:
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
+        content = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(manifest, dict) and MANIFEST_KEYS <= manifest.keys()
+    return isinstance(content, dict) and keys <= content.keys()
+
+
+def _is_dataset(folder: Path) -> bool:
+    return _json_with(folder / "manifest.json", MANIFEST_KEYS)
+
+
+def _is_datasets(folder: Path) -> bool:
+    entries = _visible(folder)
+    return bool(entries) and all(entry.is_dir() and not entry.is_symlink() and _is_dataset(entry) for entry in entries)
 
 
 def _is_models(folder: Path, depth: int = 0) -> bool:
@@ -41,6 +53,8 @@ def _is_models(folder: Path, depth: int = 0) -> bool:
 
 
 def _is_models_entry(entry: Path, depth: int) -> bool:
+    if entry.is_file() and not entry.is_symlink():
+        return depth == 0 and entry.suffix == ".json" and _json_with(entry, FOLDS_SUMMARY_KEYS)
     if not entry.is_dir() or entry.is_symlink():
         return False
     if entry.name in NETS:
@@ -51,11 +65,13 @@ def _is_models_entry(entry: Path, depth: int) -> bool:
 
 
 def kind(folder: Path) -> Optional[str]:
-    """What the kit wrote ``folder`` as ("dataset", "demo", "models"), or None."""
+    """What the kit wrote ``folder`` as ("dataset", "datasets", "demo", "models"), or None."""
     if not folder.is_dir():
         return None
     if _is_dataset(folder):
         return "dataset"
+    if _is_datasets(folder):
+        return "datasets"
     if (folder / DEMO_MARKER).is_file():
         return "demo"
     return "models" if _is_models(folder) else None

@@ -105,3 +105,31 @@ def test_clean_deletes_a_models_folder_laid_out_as_training_and_compiling_leave_
     result = clean(models)
     assert result.returncode == 0, result.stderr
     assert not models.exists() and result.stdout.splitlines() == [f"removed {models} (models)"]
+
+
+def test_clean_deletes_the_per_fold_datasets_and_models_that_evaluate_folds_leaves(tmp_path, dataset):
+    """`make evaluate-folds` fills DATA_DIR with one dataset per fold (no manifest of its own at the top) and
+    MODELS_DIR with one models folder per fold plus the summary JSON; `make clean` takes both, and still refuses a
+    folder of datasets with one stranger in it."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import evaluate_folds
+
+    data, models = tmp_path / "data", tmp_path / "models"
+    for k in range(2):
+        copy_of(dataset, data / f"adience_fold_{k}")
+        for net, accuracy in (("age", 0.5), ("gender", 0.85)):
+            report = models / f"adience_fold_{k}" / f"{net}_net" / "eval" / "report.json"
+            report.parent.mkdir(parents=True)
+            report.write_text(json.dumps({"protocols": {p: {"accuracy": accuracy, "one_off_accuracy": 0.8}
+                                                        for p in ("centre", "10crop")}}))
+    summary = models / "adience_folds.json"
+    assert evaluate_folds.main([str(models / f"adience_fold_{k}") for k in range(2)] + ["--out", str(summary)]) == 0
+
+    (data / "notes.txt").write_text("mine")
+    refused = clean(data, models)
+    assert refused.returncode == 2 and data.exists() and models.exists()
+    (data / "notes.txt").unlink()
+    result = clean(data, models)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"removed {data} (datasets)", f"removed {models} (models)"]
+    assert not data.exists() and not models.exists()
