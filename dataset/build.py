@@ -486,7 +486,7 @@ def build(utkface_dir, out, race: Optional[str] = None, size: int = 256, test_fr
               "encoded": encoded, "source_options": source_options or {},
               "hold_out": hashlib.sha256("\n".join(sorted(held_names or ())).encode()).hexdigest()}
     jobs = ImageJobs(scanned.images, size, seed, bool(encoded))
-    # The pool first: its workers fork before this process starts any thread (tqdm's monitor, the pool's own).
+    # The pool first: every worker is up (spawned, its parent-death signal set) before the first job is sent.
     with ordered_map(workers) as imap, _cleanup_new_folders(out), _kept_on_interrupt(out) as opened:
         partial = opened(Partial.open(out, partial_module.fingerprint(config, scanned.images, candidates), config))
         if partial.resumed:
