@@ -1,4 +1,4 @@
-"""Caffe's SGD solver: learning-rate policies, the momentum update, and SolverState files.
+"""Caffe's SGD and Nesterov solvers: learning-rate policies, the momentum update, and SolverState files.
 
 Follows Caffe's sgd_solver.cpp step by step, per learnable blob i:
     rate       = GetLearningRate(iter)            (policy below)
@@ -6,7 +6,8 @@ Follows Caffe's sgd_solver.cpp step by step, per learnable blob i:
     normalize  : grad /= iter_size
     regularize : grad += weight_decay * decay_mult_i * w      (L2; L1 uses sign(w))
     history_i  = momentum * history_i + rate * lr_mult_i * grad
-    w         -= history_i
+    w         -= history_i                        (SGD)
+    w         -= (1 + momentum) * history_i - momentum * previous history_i   (type: "Nesterov")
 The weight decay is therefore applied to the gradient before the learning rate (not
 decoupled), and biases with decay_mult 0 are not decayed.
 """
@@ -22,16 +23,22 @@ from caffekit.errors import KitError
 from caffekit.proto import caffe_pb2
 
 LR_POLICIES = ("fixed", "step", "multistep", "inv", "poly", "exp", "sigmoid")
+SOLVER_TYPES = ("SGD", "NESTEROV")
+
+
+def solver_type(param: caffe_pb2.SolverParameter) -> str:
+    """SGD or NESTEROV, from `type` or the deprecated `solver_type` enum."""
+    if not param.HasField("type") and param.HasField("solver_type"):
+        return caffe_pb2.SolverParameter.SolverType.Name(param.solver_type)
+    return param.type.upper()
 
 
 def check_solver(param: caffe_pb2.SolverParameter, source: str) -> None:
     """Reject what the torch backend does not implement, with a one-line error naming ``source``."""
-    kind = param.type
-    if not param.HasField("type") and param.HasField("solver_type"):
-        kind = caffe_pb2.SolverParameter.SolverType.Name(param.solver_type)
-    if kind.upper() != "SGD":
-        raise KitError(f"{source}: solver type {kind!r} is not supported by the torch backend (only SGD; "
-                       "use --backend caffe for the others)")
+    kind = solver_type(param)
+    if kind not in SOLVER_TYPES:
+        raise KitError(f"{source}: solver type {kind!r} is not supported by the torch backend (only "
+                       f"{' and '.join(SOLVER_TYPES)}; use --backend caffe for the others)")
     if not (param.net or param.train_net or param.HasField("net_param") or param.HasField("train_net_param")):
         raise KitError(f"{source}: the solver names no network (set `net: \"path/train_val.prototxt\"`)")
     if param.test_net or param.test_net_param:
@@ -96,6 +103,7 @@ class SgdSolver:
         self.lr_mults = [float(m) for m in lr_mults]
         self.decay_mults = [float(m) for m in decay_mults]
         self.history = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.nesterov = solver_type(param) == "NESTEROV"
         self.iter = 0
         self.current_step = 0
 
@@ -126,8 +134,14 @@ class SgdSolver:
             if local_decay:
                 g.add_(p.detach().float() if l2 else torch.sign(p.detach().float()), alpha=local_decay)
             local_rate = rate * self.lr_mults[i]
-            self.history[i].mul_(momentum).add_(g, alpha=local_rate)
-            p.sub_(self.history[i].to(p.dtype))
+            if self.nesterov:  # Caffe's NesterovSolver: step back along the old history, then over the new
+                previous = self.history[i].clone()
+                self.history[i].mul_(momentum).add_(g, alpha=local_rate)
+                step = self.history[i].mul(1.0 + momentum).sub_(previous, alpha=momentum)
+            else:
+                self.history[i].mul_(momentum).add_(g, alpha=local_rate)
+                step = self.history[i]
+            p.sub_(step.to(p.dtype))
             p.grad = None
         return rate
 

@@ -2,7 +2,8 @@
 
 From the same initial caffemodel and the same batches, `caffe train` and
 `scripts/train.py --backend torch` run 20 iterations of each net under two lr policies
-(step, poly and inv; all change the rate inside the 20 iterations) with momentum, weight
+(step, poly and inv; all change the rate inside the 20 iterations), and GenderNet once under
+Caffe's Nesterov solver, with momentum, weight
 decay and the prototxts' lr_mult 2 / decay_mult 0 on biases. Compared: the loss and the
 learning rate of every iteration, the test-phase outputs (centre crop of 256 images and of
 the mean image) at iterations 0 and 20, and the weights after 20 iterations.
@@ -41,9 +42,11 @@ POLICIES = {
     "step": dict(lr_policy="step", gamma=0.5, stepsize=5),   # Levi & Hassner's: rate halves at 5, 10, 15
     "poly": dict(lr_policy="poly", power=1.0),               # the shipped default: linear to 0 at max_iter
     "inv": dict(lr_policy="inv", gamma=0.1, power=0.75),     # Caffe's LeNet example: falls every iteration
+    "poly-nesterov": dict(lr_policy="poly", power=1.0, type="Nesterov"),  # Caffe's NesterovSolver
 }
-# Each net under two policies; poly, the default solver's, under both.
-CASES = [("age_net", "step"), ("age_net", "poly"), ("gender_net", "inv"), ("gender_net", "poly")]
+# Each net under two policies; poly, the default solver's, under both; Nesterov's update once.
+CASES = [("age_net", "step"), ("age_net", "poly"), ("gender_net", "inv"), ("gender_net", "poly"),
+         ("gender_net", "poly-nesterov")]
 LOSS_RTOL = 1e-3        # the issue's bar
 # Weights after 20 iterations, per blob: |torch - Caffe| / |Caffe - initial| (L2 norms).
 # The dynamics amplify float noise: sums in another order (OpenBLAS im2col+GEMM vs oneDNN)
