@@ -63,8 +63,8 @@ def classifier_layer(model: caffe_pb2.NetParameter, source: str, name: Optional[
 
 
 def correct(weights_path, manifest_path, net: str, out_path) -> Dict[str, np.ndarray]:
-    """Write ``out_path``: the caffemodel with each head's prior shift added to its classifier's bias (and
-    the net's fixed layers written in); returns {layer: shift}."""
+    """Write ``out_path``: the caffemodel with each head's prior shift added to its classifier's bias (then
+    finished: sharpened classifiers, the net's fixed layers); returns {layer: shift}."""
     entry = models.model(net)
     model = formats.read_caffemodel(weights_path)
     shifts = {}
@@ -81,9 +81,20 @@ def correct(weights_path, manifest_path, net: str, out_path) -> Dict[str, np.nda
         values = blob.double_data if len(blob.double_data) else blob.data
         values[:] = corrected.tolist()  # in place: the blob keeps its shape fields, whichever Caffe wrote
         shifts[layer.name] = shift
-    add_fixed_layers(model, entry)
+    finish_layers(model, entry, str(weights_path))
     formats.write_caffemodel(out_path, model)
     return shifts
+
+
+def finish_layers(model: caffe_pb2.NetParameter, entry: "models.Model", source: str) -> None:
+    """What every finished caffemodel of ``entry`` gets, prior correction or not: its sharpened classifiers and
+    its fixed layers."""
+    for name, factor in entry.sharpen.items():
+        layer = classifier_layer(model, source, name)
+        for blob in layer.blobs:
+            values = blob.double_data if len(blob.double_data) else blob.data
+            values[:] = (np.asarray(values, np.float64) * factor).astype(np.float32).tolist()
+    add_fixed_layers(model, entry)
 
 
 def add_fixed_layers(model: caffe_pb2.NetParameter, entry: "models.Model") -> None:
@@ -97,9 +108,9 @@ def add_fixed_layers(model: caffe_pb2.NetParameter, entry: "models.Model") -> No
 
 
 def finished_copy(weights_path, out_path, net: str) -> None:
-    """The caffemodel with the fixed layers but no prior correction (for --no-prior)."""
+    """The finished caffemodel without prior correction (for --no-prior): sharpened, with the fixed layers."""
     model = formats.read_caffemodel(weights_path)
-    add_fixed_layers(model, models.model(net))
+    finish_layers(model, models.model(net), str(weights_path))
     formats.write_caffemodel(out_path, model)
 
 

@@ -14,9 +14,9 @@ import oracle
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, utkface_dir):
-    # The default plan (JOINT_PLAN=age): the joint LMDBs in the age net's key order, with its copies.
+    # JOINT_PLAN=age: the joint LMDBs in the age net's key order, with its copies.
     return oracle.built_dataset(utkface_dir, tmp_path_factory.mktemp("built"), 120, seed=3, size=48,
-                                test_fraction=0.25, joint_size=40)
+                                test_fraction=0.25, joint_size=40, joint_plan="age")
 
 
 def records(path):
@@ -64,9 +64,8 @@ def test_manifest_counts_the_joint_heads_for_the_prior_correction(built):
     assert gender["train"] == classes["gender"]["train"]
 
 
-def test_natural_joint_plan_writes_every_train_face_once_with_its_gender(tmp_path, utkface_dir):
-    built = oracle.built_dataset(utkface_dir, tmp_path, 60, seed=3, size=32, test_fraction=0.25, joint_size=24,
-                                 joint_plan="natural")
+def test_default_joint_plan_is_natural_and_writes_every_train_face_once_with_its_gender(tmp_path, utkface_dir):
+    built = oracle.built_dataset(utkface_dir, tmp_path, 60, seed=3, size=32, test_fraction=0.25, joint_size=24)
     manifest = json.loads((built / "manifest.json").read_text())
     images = records(built / "lmdb" / "joint_train_lmdb")
     genders = records(built / "lmdb" / "joint_train_gender_lmdb")

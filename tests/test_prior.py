@@ -91,8 +91,8 @@ def test_bad_manifest_is_a_one_line_error_and_writes_nothing(case, tmp_path):
 
 def test_joint_net_gets_each_heads_prior_and_its_fixed_layers(tmp_path):
     """The age classifier shifted by the per-year counts (years nobody in the train split had get the lowest
-    shift), the gender classifier left alone (the plan balanced ages, not genders: no label shift to undo),
-    and age_bins / age_years written so OpenCV gives the three outputs from deploy.prototxt."""
+    shift) and then sharpened, the gender classifier left alone (the plan balanced ages, not genders: no label
+    shift to undo), and age_bins / age_years written so OpenCV gives the three outputs from deploy.prototxt."""
     import torch
 
     from caffekit import models, torchnet
@@ -122,6 +122,12 @@ def test_joint_net_gets_each_heads_prior_and_its_fixed_layers(tmp_path):
                                   graph.read_weights(formats.read_caffemodel(raw))["gender_fc"][1])
     age = shifts["age_fc"]
     assert age[25] == pytest.approx(0) and age[30] == pytest.approx(np.log(20 / 100)) and age[0] == age.min() == age[99]
+    # The years classifier is then sharpened: T * (W x + b + shift).
+    raw_fc, out_fc = (graph.read_weights(formats.read_caffemodel(p))["age_fc"] for p in (raw, out))
+    factor = models.model("joint").sharpen["age_fc"]
+    assert factor > 1
+    np.testing.assert_allclose(out_fc[0], factor * raw_fc[0], rtol=1e-6)
+    np.testing.assert_allclose(out_fc[1], factor * (raw_fc[1] + age), rtol=1e-5, atol=1e-6)
     opencv = cv2.dnn.readNetFromCaffe(str(deploy), str(out))
     image = np.random.default_rng(0).normal(0, 40, (1, 3, 64, 64)).astype(np.float32)
     opencv.setInput(image)
