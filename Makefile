@@ -17,7 +17,7 @@ RACE        ?= asian
 SIZE        ?= 256
 TEST_FRACTION ?= 0.2
 SEED        ?= 1
-JOINT_PLAN  ?= natural
+JOINT_PLAN  ?=
 # ENCODED=1: JPEG Datums, 0: raw; empty: raw unless raw records would exceed 20 GB (dataset/build.py).
 ENCODED     ?=
 WORKERS     ?=
@@ -98,7 +98,7 @@ download:  ## fetch and verify the official UTKFace archive into UTKFACE_DIR
 # The builder with the options every set shares; each target adds --out, --race, --test-fraction, --hold-out.
 # RACE is UTKFace's; the other sources have no race labels.
 BUILD_SET = $(py) -m dataset.build --source $(SOURCE) --input $(call q,$(SOURCE_DIR)) $(if $(FOLD),--fold $(FOLD)) \
-            --size $(SIZE) --seed $(SEED) --joint-plan $(JOINT_PLAN) \
+            --size $(SIZE) --seed $(SEED) $(if $(JOINT_PLAN),--joint-plan $(JOINT_PLAN)) \
             $(if $(filter 1,$(ENCODED)),--encoded)$(if $(filter 0,$(ENCODED)),--raw) $(if $(WORKERS),--workers $(WORKERS))
 RACE_ARG = $(if $(filter utkface,$(SOURCE)),--race $(RACE))
 

@@ -76,10 +76,7 @@ def correct(weights_path, manifest_path, net: str, out_path) -> Dict[str, np.nda
         if bias.size != shift.size:
             raise KitError(f"{weights_path}: {layer.name} has {bias.size} outputs, {manifest_path} has "
                            f"{shift.size} {head_prior.classes} classes")
-        corrected = (bias.astype(np.float64).ravel() + shift).astype(np.float32)
-        blob = layer.blobs[1]
-        values = blob.double_data if len(blob.double_data) else blob.data
-        values[:] = corrected.tolist()  # in place: the blob keeps its shape fields, whichever Caffe wrote
+        set_values(layer.blobs[1], bias.astype(np.float64).ravel() + shift)
         shifts[layer.name] = shift
     finish_layers(model, entry, str(weights_path))
     formats.write_caffemodel(out_path, model)
@@ -90,11 +87,15 @@ def finish_layers(model: caffe_pb2.NetParameter, entry: "models.Model", source: 
     """What every finished caffemodel of ``entry`` gets, prior correction or not: its sharpened classifiers and
     its fixed layers."""
     for name, factor in entry.sharpen.items():
-        layer = classifier_layer(model, source, name)
-        for blob in layer.blobs:
-            values = blob.double_data if len(blob.double_data) else blob.data
-            values[:] = (np.asarray(values, np.float64) * factor).astype(np.float32).tolist()
+        for blob in classifier_layer(model, source, name).blobs:
+            set_values(blob, formats.blob_to_array(blob).astype(np.float64).ravel() * factor)
     add_fixed_layers(model, entry)
+
+
+def set_values(blob: caffe_pb2.BlobProto, values: np.ndarray) -> None:
+    """Overwrite a stored blob's values in place: it keeps its shape fields, whichever Caffe wrote."""
+    stored = blob.double_data if len(blob.double_data) else blob.data
+    stored[:] = np.asarray(values, np.float32).tolist()
 
 
 def add_fixed_layers(model: caffe_pb2.NetParameter, entry: "models.Model") -> None:

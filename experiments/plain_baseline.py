@@ -10,7 +10,6 @@ the faces. Not part of the kit: plain PyTorch, no Caffe semantics.
 """
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
