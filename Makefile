@@ -57,6 +57,7 @@ USE_PRETRAIN = $(and $(filter 1,$(PRETRAIN)),$(filter-out all,$(RACE)),$(filter 
 $(if $(filter $(RACE),$(RACES)),,$(error RACE=$(RACE): expected one of $(RACES)))
 $(if $(filter $(SOURCE),$(SOURCES)),,$(error SOURCE=$(SOURCE): expected one of $(SOURCES)))
 $(if $(FOLD),$(if $(filter $(FOLD),$(ADIENCE_FOLDS)),,$(error FOLD=$(FOLD): expected one of $(ADIENCE_FOLDS))))
+$(if $(JOINT_PLAN),$(if $(filter $(JOINT_PLAN),age natural),,$(error JOINT_PLAN=$(JOINT_PLAN): expected age or natural (empty: dataset.build's default, natural))))
 $(if $(ENCODED),$(if $(filter 0 1,$(ENCODED)),,$(error ENCODED=$(ENCODED): expected 1 (JPEG), 0 (raw) or empty (by size))))
 $(if $(filter $(BACKEND),$(BACKENDS)),,$(error BACKEND=$(BACKEND): expected one of $(BACKENDS)))
 $(if $(filter $(NET),$(NETS)),,$(error NET=$(NET): expected one of $(NETS)))

@@ -310,8 +310,8 @@ def test_make_dataset_passes_source_and_fold_and_race_only_for_utkface():
     assert words[words.index("--input") + 1] == "UTKFace" and words[words.index("--race") + 1] == "asian"
 
 
-def test_make_rejects_unknown_source_and_fold():
-    for bad in ("SOURCE=celeba", "FOLD=7"):
+def test_make_rejects_unknown_source_fold_and_joint_plan():
+    for bad in ("SOURCE=celeba", "FOLD=7", "JOINT_PLAN=balanced"):
         result = subprocess.run(["make", "-n", "dataset", bad], capture_output=True, text=True, timeout=60)
         assert result.returncode != 0 and bad.split("=")[0] in result.stderr
 
