@@ -62,7 +62,8 @@ JOINT_SIZE = 72  # the joint net's LMDB images: random 64 x 64 crops in training
 # The default is "natural", as the issue's plain baseline trains: with the joint net's current schedule it scored
 # 73.5% / 95.1% 1-off / MAE 3.93 / gender 87.9% on the validation split (docs/experiments.md, JointNet); "age"
 # shows the rare decades' few faces up to ten times and needs the prior correction to undo the shifted prior.
-JOINT_PLANS = ("age", "natural")
+# "wild" = every train face once plus one wild copy of it (dataset/augment.py: cut out of a photo as the runner cuts).
+JOINT_PLANS = ("age", "natural", "wild")
 DEFAULT_JOINT_PLAN = "natural"
 
 
@@ -157,8 +158,11 @@ class ImageJobs:
         if size == 0:  # a label Datum (no image)
             value = label_datum_bytes(label)
             return key.encode(), value, value_digest(value)
-        image = self.load(name, size)
-        if copy:
+        if copy < 0:  # cut from the original's own size, as the runner cuts from a photo
+            image = augment.wild(self.load(name, augment.WILD_CHIP), self.seed, name, -copy, size)
+        else:
+            image = self.load(name, size)
+        if copy > 0:
             image = augment.augment(image, self.seed, name, copy)
         if self.encoded:
             ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
@@ -526,7 +530,9 @@ def build(utkface_dir, out, race: Optional[str] = None, size: int = 256, test_fr
                           "test": split.class_counts(test, task, len(labels))}
                    for task, labels in task_labels.items()}
         if joint_size:
-            plans["joint_train"] = plans["age_train"] if joint_plan == "age" else split.shuffled(train, seed, stream=3)
+            plans["joint_train"] = (plans["age_train"] if joint_plan == "age" else
+                                    split.with_wild_copies(train, seed) if joint_plan == "wild" else
+                                    split.shuffled(train, seed, stream=3))
             plans["joint_test"] = test_items
             classes.update(joint_classes(train, plans["joint_train"], test))
 
@@ -547,6 +553,12 @@ def build(utkface_dir, out, race: Optional[str] = None, size: int = 256, test_fr
         manifest["config"]["datum_choice"] = why
         manifest["config"]["joint_size"] = joint_size
         manifest["config"]["joint_plan"] = joint_plan
+        if joint_plan == "wild":
+            manifest["augmentation"]["wild_copies"] = {
+                "joint train only": "one per face: rotated up to +-{:g} degrees, scaled {:g}x-{:g}x, pasted over a "
+                                    "background and cut out by an inverse off by the runner's alignment error".format(
+                                        augment.WILD_ANGLE, *augment.WILD_SCALE),
+                "alignment_error_sd": augment.WILD_JITTER}
         lmdbs = write_partial_lmdbs(plans, jobs, imap, partial, record_bytes, progress, joint_size, commit_every)
         means = {"mean": jobs.mean(train, size, imap, progress, "mean", partial)}
         if joint_size:
@@ -640,7 +652,8 @@ def build_argparser() -> argparse.ArgumentParser:
                         help=f"image size of the joint net's LMDBs (default: {JOINT_SIZE}; 0: no joint LMDBs)")
     parser.add_argument("--joint-plan", default=DEFAULT_JOINT_PLAN, choices=JOINT_PLANS,
                         help="the joint net's train records: natural = every train face once (default), age = "
-                             "balanced over decade bins like the age net's")
+                             "balanced over decade bins like the age net's, wild = every face once plus a copy cut "
+                             "out of a pasted frame as the runner cuts faces from photos")
     imdb = parser.add_argument_group("imdb-wiki filters (dataset/imdb_wiki.py)")
     imdb.add_argument("--databases", nargs="+", choices=list(imdb_wiki.DATABASES),
                       help="which .mat files to read (default: those present)")

@@ -26,14 +26,15 @@ from dataset.faces import Face
 
 
 class Item(NamedTuple):
-    """One record of an LMDB: a face and which copy of it (0 = the original, k >= 1 = augmented copy k)."""
+    """One record of an LMDB: a face and which copy of it (0 = the original, k >= 1 = augmented copy k, -k = wild
+    copy k: the face as the runner cuts it out of a photo, dataset/augment.py)."""
     face: Face
     copy: int
 
     def key(self, index: int) -> str:
         # Caffe's Data layer reads in key order: the zero-padded index makes key order the written order,
         # as convert_imageset --shuffle does (``%08d_<file name>``).
-        suffix = f"~aug{self.copy}" if self.copy else ""
+        suffix = f"~aug{self.copy}" if self.copy > 0 else f"~wild{-self.copy}" if self.copy else ""
         return f"{index:08d}_{self.face.name}{suffix}"
 
 
@@ -117,6 +118,13 @@ def oversample(train: Sequence[Face], task: str, n_classes: int, seed: int) -> L
         for j in range(largest - len(members)):
             items.append(Item(members[order[j % len(members)]], j // len(members) + 1))
     return [items[i] for i in rng.permutation(len(items))]
+
+
+def with_wild_copies(faces: Sequence[Face], seed: int, copies: int = 1) -> List[Item]:
+    """Every face once and ``copies`` wild copies of it, in a seeded order (stream 4)."""
+    faces = sorted(faces, key=lambda face: face.name)
+    items = [Item(face, -k) for k in range(copies + 1) for face in faces]
+    return [items[i] for i in np.random.default_rng([seed, 4]).permutation(len(items))]
 
 
 def shuffled(faces: Sequence[Face], seed: int, stream: int = 2) -> List[Item]:

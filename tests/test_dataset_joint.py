@@ -8,6 +8,7 @@ import pytest
 
 from caffekit import formats, models
 from caffekit.lmdb_data import LmdbSource
+from dataset import augment, utkface
 
 import oracle
 
@@ -78,3 +79,29 @@ def test_default_joint_plan_is_natural_and_writes_every_train_face_once_with_its
     for head in ("joint_age", "joint_gender"):
         assert manifest["classes"][head]["train_oversampled"] == manifest["classes"][head]["train"]
     assert manifest["classes"]["age"]["train_oversampled"] != manifest["classes"]["age"]["train"]  # pair unchanged
+
+
+def test_wild_plan_adds_one_wild_copy_per_train_face_exactly_as_augment_wild_cuts_it(tmp_path, utkface_dir):
+    # JOINT_PLAN=wild: each train face once and once more as augment.wild cuts it from the original (the runner's
+    # photo framing; oracle.built_dataset builds with seed 1), the gender LMDB in the same order; the test LMDB
+    # holds originals only.
+    built = oracle.built_dataset(utkface_dir, tmp_path, 40, seed=3, size=32, test_fraction=0.25, joint_size=24,
+                                 joint_plan="wild")
+    images = records(built / "lmdb" / "joint_train_lmdb")
+    genders = records(built / "lmdb" / "joint_train_gender_lmdb")
+    train = (built / "splits" / "train.txt").read_text().split()
+    names = [key.split("_", 1)[1] for key, _, _ in images]
+    assert sorted(names) == sorted(train + [name + "~wild1" for name in train])
+    assert [r[0] for r in genders] == [r[0] for r in images]
+    for name, image, _ in images:
+        face = name.split("_", 1)[1].split("~")[0]
+        original = utkface.load(utkface_dir / face, augment.WILD_CHIP)
+        expected = augment.wild(original, 1, face, 1, 24) if name.endswith("~wild1") else utkface.load(
+            utkface_dir / face, 24)
+        assert np.array_equal(image, expected.transpose(2, 0, 1)), name
+    test_names = [key.split("_", 1)[1] for key, _, _ in records(built / "lmdb" / "joint_test_lmdb")]
+    assert all("~" not in name for name in test_names)
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["config"]["joint_plan"] == "wild"
+    assert manifest["augmentation"]["wild_copies"]["alignment_error_sd"] == augment.WILD_JITTER
+    assert sum(manifest["classes"]["joint_age"]["train_oversampled"]) == 2 * len(train)

@@ -1,6 +1,7 @@
 """Duplicates, split and oversampling (dataset/split.py) and augmentation (dataset/augment.py)."""
 import collections
 
+import cv2
 import numpy as np
 import pytest
 
@@ -122,6 +123,36 @@ def test_augment_is_a_seeded_flip_plus_small_noise():
         assert augment.NOISE_SIGMA[0] * 0.8 < difference.std() < augment.NOISE_SIGMA[1] * 1.2
     with pytest.raises(ValueError):
         augment.augment(image, 1, "a.jpg", 0)
+
+
+def smooth_chip(side=200):
+    """A chip with structure at every place (so any misplacement shows), smooth enough that resampling does not."""
+    y, x = np.mgrid[0:side, 0:side] / float(side)
+    channels = [np.sin(6 * x + 2 * y), np.cos(5 * y - 3 * x), np.sin(4 * (x + y))]
+    return (127.5 + 100 * np.stack(channels, axis=-1)).astype(np.uint8)
+
+
+def test_wild_copy_is_seeded_and_sized_and_its_cut_undoes_the_paste(monkeypatch):
+    chip = smooth_chip()
+    first = augment.wild(chip, 1, "a.jpg", 1, 72)
+    assert first.shape == (72, 72, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, augment.wild(chip, 1, "a.jpg", 1, 72))
+    assert not np.array_equal(first, augment.wild(chip, 1, "a.jpg", 2, 72))
+    assert not np.array_equal(first, augment.wild(chip, 1, "b.jpg", 1, 72))
+    reference = cv2.resize(chip, (72, 72), interpolation=cv2.INTER_LINEAR).astype(float)
+
+    def error(copy):
+        return np.abs(augment.wild(chip, 1, "a.jpg", copy, 72).astype(float) - reference).mean()
+
+    jittered = [error(copy) for copy in range(1, 21)]
+    # Without the alignment error the cut is the paste's exact inverse: the chip comes back whatever the
+    # rotation and scale, up to the resampling (a wrong sign or order in the inverse gives tens of grey levels).
+    monkeypatch.setattr(augment, "WILD_JITTER", {"degrees": 0.0, "log_scale": 0.0, "shift": 0.0})
+    exact = [error(copy) for copy in range(1, 21)]
+    assert max(exact) < 1.5
+    assert np.median(jittered) > 3 * np.median(exact)  # the error moves the face, as the runner's does
+    with pytest.raises(ValueError):
+        augment.wild(chip, 1, "a.jpg", 0, 72)
 
 
 @pytest.mark.parametrize("shape, label", [((256, 256, 3), 0), ((96, 96, 3), 8), ((7, 300, 3), 1), ((1, 1, 3), 200)])
