@@ -49,14 +49,48 @@ def template_points(template, names):
     return np.array([template["keypoints"][name] for name in names], np.float64)
 
 
+def chip_matrix(keypoints, keypoint_names, template):
+    """The 2 x 3 similarity from frame pixels into a CHIP_SIDE chip, by the eyes and the mouth."""
+    index = [list(keypoint_names).index(name) for name in ALIGN_KEYPOINTS]
+    return similarity(np.asarray(keypoints)[index], template_points(template, ALIGN_KEYPOINTS) * CHIP_SIDE)
+
+
+# The second look (refine_keypoints): the face warped upright into the view the template was measured in, a
+# chip padded by TEMPLATE_PAD on every side, so the detector sees it at the size and angle of the template's chips.
+TEMPLATE_PAD = 100
+
+
+def refine_keypoints(frame, keypoints, keypoint_names, template, candidates, size):
+    """Keypoints of the face again, from ``candidates`` (a BlazeFace's: view -> (boxes, keypoints, scores))
+    run on the face warped upright into the template's view at the detector's ``size``: a small or tilted
+    face then looks to the detector as the chips did when the template was measured. The first keypoints
+    where the second look finds no face near the centre."""
+    view = CHIP_SIDE + 2 * TEMPLATE_PAD
+    matrix = chip_matrix(keypoints, keypoint_names, template)
+    matrix[:, 2] += TEMPLATE_PAD
+    upright = cv2.warpAffine(frame, matrix, (view, view), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=(128, 128, 128))
+    upright = cv2.resize(upright, (size, size), interpolation=cv2.INTER_AREA)
+    boxes, points, scores = candidates(upright)
+    if not len(scores):
+        return keypoints
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2.0 * (float(view) / size)
+    near = np.hypot(*(centres - view / 2.0).T) < CHIP_SIDE / 4.0
+    if not near.any():
+        return keypoints
+    weights = np.where(near, scores, 0.0)
+    best = (points * weights[:, np.newaxis, np.newaxis]).sum(0) / weights.sum() * (float(view) / size)
+    inverse = cv2.invertAffineTransform(matrix)
+    return best.dot(inverse[:, :2].T) + inverse[:, 2]
+
+
 def aligned_chip(frame, keypoints, keypoint_names, template, side):
     """The ``side`` x ``side`` chip of one face: ``keypoints`` (frame pixels, ordered as ``keypoint_names``)
     warped onto the template's in a chip of UTKFace's own CHIP_SIDE pixels, then resized to ``side`` as the
     dataset stage resized the chips (bilinear): the nets learned that resampling's look, aliasing and all,
     and a warp straight to 72 pixels looks different. Outside the frame is black, as at the edges of
     UTKFace chips cut from photos."""
-    index = [list(keypoint_names).index(name) for name in ALIGN_KEYPOINTS]
-    matrix = similarity(np.asarray(keypoints)[index], template_points(template, ALIGN_KEYPOINTS) * CHIP_SIDE)
+    matrix = chip_matrix(keypoints, keypoint_names, template)
     chip = cv2.warpAffine(frame, matrix, (CHIP_SIDE, CHIP_SIDE), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
     return chip if side == CHIP_SIDE else cv2.resize(chip, (side, side), interpolation=cv2.INTER_LINEAR)

@@ -9,10 +9,13 @@ chips' colours), all drawn from one seeded generator, so the set is the same on 
 counts as found when a detection's centre lies within a quarter of the pasted chip's side of the
 chip's centre (the nearest such detection is the one classified); other detections are false.
 
-Rows: the chips themselves (--no-detect, the upper bound), the Haar cascade, BlazeFace (short and
-full range) framed from its box, and BlazeFace with alignment by eyes and mouth. Accuracy is over
-all faces (a face not found counts as wrong) and over the faces found. Writes BENCH/robustness.json,
-.md and robustness_examples.png (the first frames with each detector's boxes).
+Rows: the chips themselves (--no-detect, the upper bound), each chip cut back out of its frame by the
+inverse of its known paste (perfect alignment: what resampling alone costs), the Haar cascade, BlazeFace
+(short and full range) framed from its box, and BlazeFace with alignment by eyes and mouth, from the
+detection's keypoints and after the runner's second look (alignment.refine_keypoints). Accuracy is over
+all faces (a face not found counts as wrong) and over the faces found, overall and by paste scale and
+angle. Writes BENCH/robustness.json, .md and robustness_examples.png (the first frames with each
+detector's boxes).
 """
 import argparse
 import json
@@ -59,6 +62,13 @@ def background(rng, chips):
     return cv2.GaussianBlur(mosaic, (0, 0), 9)  # other faces' colours, blurred past recognition
 
 
+def paste_matrix(centre, angle, scale):
+    """The 2x3 map of chip pixels into the frame: rotated by ``angle`` degrees, scaled, centred at ``centre``."""
+    matrix = cv2.getRotationMatrix2D((CHIP_SIDE / 2.0, CHIP_SIDE / 2.0), angle, scale)
+    matrix[:, 2] += [centre[0] - CHIP_SIDE / 2.0, centre[1] - CHIP_SIDE / 2.0]
+    return matrix
+
+
 def scene(chip, rng, chips):
     """(frame, chip centre (x, y) in the frame, pasted chip side in pixels, angle, scale)."""
     angle = rng.uniform(-MAX_ANGLE, MAX_ANGLE)
@@ -70,8 +80,7 @@ def scene(chip, rng, chips):
     cx = rng.uniform(extent / 2, FRAME_W - extent / 2)
     cy = rng.uniform(extent / 2, FRAME_H - extent / 2)
     frame = background(rng, chips).copy()
-    matrix = cv2.getRotationMatrix2D((CHIP_SIDE / 2.0, CHIP_SIDE / 2.0), angle, scale)
-    matrix[:, 2] += [cx - CHIP_SIDE / 2.0, cy - CHIP_SIDE / 2.0]
+    matrix = paste_matrix((cx, cy), angle, scale)
     chip = cv2.resize(chip, (CHIP_SIDE, CHIP_SIDE), interpolation=cv2.INTER_AREA)
     warped = cv2.warpAffine(chip, matrix, (FRAME_W, FRAME_H), flags=cv2.INTER_LINEAR)
     mask = cv2.warpAffine(np.full((CHIP_SIDE, CHIP_SIDE), 255, np.uint8), matrix, (FRAME_W, FRAME_H))
@@ -101,14 +110,41 @@ def classify(job, engine_map, heads):
     return job.faces(heads)
 
 
-def score_row(label, detector, frames, chips, names, engine_map, heads, no_detect=False):
+def undo_paste(frame, centre, angle, scale):
+    """The chip cut back out of its frame by the inverse of the known paste: a perfect alignment."""
+    return cv2.warpAffine(frame, cv2.invertAffineTransform(paste_matrix(centre, angle, scale)), (CHIP_SIDE, CHIP_SIDE),
+                          flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def bucket_of(value, edges):
+    return next((i for i, edge in enumerate(edges) if value < edge), len(edges))
+
+
+def by_bucket(hits, key, edges, names):
+    """Share of faces right per bucket of ``key`` (scale or |angle|): where the losses are."""
+    tally = {}
+    for hit in hits:
+        row = tally.setdefault(names[bucket_of(hit[key], edges)], [0, 0, 0])
+        row[0] += 1
+        row[1] += hit["age"]
+        row[2] += hit["gender"]
+    return {name: {"faces": n, "age_exact": round(a / n, 4), "gender": round(g / n, 4)}
+            for name, (n, a, g) in ((name, tally[name]) for name in names if name in tally)}
+
+
+SCALE_EDGES, SCALE_NAMES = (0.8, 1.25), ("0.5-0.8x", "0.8-1.25x", "1.25-2x")
+ANGLE_EDGES, ANGLE_NAMES = (10.0, 20.0), ("0-10 deg", "10-20 deg", "20-30 deg")
+
+
+def score_row(label, detector, frames, chips, names, engine_map, heads, no_detect=False, undo=False):
     age_right = gender_right = found = false = 0
-    errors = []
+    errors, hits = [], []
+    no_detect = no_detect or undo  # an undone paste is a chip again
     age_labels = None
     start = time.perf_counter()
     examples = []
-    for i, ((frame, centre, side, _, _), chip, name) in enumerate(zip(frames, chips, names)):
-        image = chip if no_detect else frame
+    for i, ((frame, centre, side, angle, scale), chip, name) in enumerate(zip(frames, chips, names)):
+        image = undo_paste(frame, centre, angle, scale) if undo else chip if no_detect else frame
         job = run_inference.prepare(i, name, image, None if no_detect else detector, engine_map)
         faces = classify(job, engine_map, heads)
         if age_labels is None:
@@ -123,13 +159,17 @@ def score_row(label, detector, frames, chips, names, engine_map, heads, no_detec
             near = [(d, f) for d, f in near if d <= FOUND_RADIUS * side]
             match = min(near, key=lambda pair: pair[0])[1] if near else None
             false += len(faces) - (1 if match else 0)
+        hit = {"scale": scale, "angle": abs(angle), "age": False, "gender": False}
+        hits.append(hit)
         if match is None:
             continue
         found += 1
         age, gender = truth(name)
         age_bin = min(age // 10, len(age_labels) - 1)
-        age_right += match.age == age_labels[age_bin]
-        gender_right += match.gender == ("Male", "Female")[gender]
+        hit["age"] = match.age == age_labels[age_bin]
+        hit["gender"] = match.gender == ("Male", "Female")[gender]
+        age_right += hit["age"]
+        gender_right += hit["gender"]
         errors.append(abs(match.age_years - age))
     n = len(frames)
     return {"detector": label, "faces": n, "found": found, "found_share": round(found / n, 4),
@@ -138,7 +178,9 @@ def score_row(label, detector, frames, chips, names, engine_map, heads, no_detec
             "age_exact_of_found": round(age_right / max(found, 1), 4),
             "gender_of_found": round(gender_right / max(found, 1), 4),
             "mae_years_of_found": round(float(np.mean(errors)), 2) if errors else None,
-            "ms_per_frame": round(1000 * (time.perf_counter() - start) / n, 2)}, examples
+            "ms_per_frame": round(1000 * (time.perf_counter() - start) / n, 2),
+            "by_scale": by_bucket(hits, "scale", SCALE_EDGES, SCALE_NAMES),
+            "by_angle": by_bucket(hits, "angle", ANGLE_EDGES, ANGLE_NAMES)}, examples
 
 
 def example_sheet(path: Path, rows_examples):
@@ -196,6 +238,16 @@ def markdown(report) -> str:
                      f"{r['false_detections']} | {100 * r['age_exact']:.1f}% | {100 * r['gender']:.1f}% | "
                      f"{100 * r['age_exact_of_found']:.1f}% | {100 * r['gender_of_found']:.1f}% | {mae} | "
                      f"{r['ms_per_frame']:.1f} |")
+    lines += ["", "Where the faces are lost: accuracy (all faces of the bucket) by paste scale and by |angle|, "
+              "age exact / gender:", "",
+              "| detector | " + " | ".join(SCALE_NAMES + ANGLE_NAMES) + " |",
+              "|---|" + "---:|" * (len(SCALE_NAMES) + len(ANGLE_NAMES))]
+    for r in report["rows"]:
+        cells = [r[key].get(name) for key, names in (("by_scale", SCALE_NAMES), ("by_angle", ANGLE_NAMES))
+                 for name in names]
+        lines.append(f"| {r['detector']} | " + " | ".join(
+            "" if c is None else f"{100 * c['age_exact']:.1f} / {100 * c['gender']:.1f} ({c['faces']})"
+            for c in cells) + " |")
     if report.get("photos"):
         lines += ["", "Real group photos (faces drawn by eye; a face is found when a box is centred in it; the "
                   "annotated photos are in bench/photos/):", "",
@@ -239,10 +291,13 @@ def main(argv=None) -> None:
         photo_detectors = [("Haar cascade", "haar", detectors[0][1])]
         if read_detector_json(str(ir)) is not None:
             for variant in ("short", "full", "tiled"):
-                for align in (False, True) if variant != "tiled" else (True,):
-                    detector = load_detector(str(ir), "blazeface", variant, False, openvino, align)
-                    detectors.append((f"BlazeFace {variant} range, " + ("aligned" if align else "box framing"),
-                                      detector))
+                # box framing; aligned by the first keypoints; aligned after the second look (the runner's way)
+                for align, refine in ((False, False), (True, False), (True, True)):
+                    if variant == "tiled" and not align:
+                        continue
+                    detector = load_detector(str(ir), "blazeface", variant, False, openvino, align, refine)
+                    label = "aligned, second look" if refine else "aligned" if align else "box framing"
+                    detectors.append((f"BlazeFace {variant} range, {label}", detector))
             for variant in ("short", "full", "tiled"):
                 photo_detectors.append((f"BlazeFace {variant}", variant,
                                         load_detector(str(ir), "blazeface", variant, False, openvino)))
@@ -251,8 +306,10 @@ def main(argv=None) -> None:
     print(f"building the set: {len(names)} test faces", flush=True)
     chips, frames = build_set(args.utkface, names, args.seed)
     rows, sheets = [], []
-    for label, detector in [("chips themselves (--no-detect)", None)] + detectors:
-        row, examples = score_row(label, detector, frames, chips, names, engine_map, heads, detector is None)
+    undone = "paste undone by its known transform (perfect alignment)"
+    for label, detector in [("chips themselves (--no-detect)", None), (undone, None)] + detectors:
+        row, examples = score_row(label, detector, frames, chips, names, engine_map, heads, detector is None,
+                                  undo=label == undone)
         print(f"{label}: found {row['found']}/{row['faces']}, age {row['age_exact']:.3f}, gender {row['gender']:.3f}",
               flush=True)
         rows.append(row)
