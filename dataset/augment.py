@@ -72,17 +72,20 @@ WILD_JITTER = {"degrees": 4.2, "log_scale": 0.096, "shift": 0.025}
 WILD_CHIP = 200  # pixels: UTKFace's chip, where the runner warps
 
 
-def wild_background(rng: np.random.Generator, side: int) -> np.ndarray:
-    kind = rng.integers(3)
+BACKGROUNDS = 3  # kinds of backdrop: flat colour, horizontal gradient, blurred noise
+
+
+def background(rng: np.random.Generator, kind: int, height: int, width: int) -> np.ndarray:
+    """A ``height`` x ``width`` backdrop of one of the BACKGROUNDS kinds, drawn from ``rng`` (scripts/robustness.py
+    paints its frames with it too)."""
     if kind == 0:
-        return np.full((side, side, 3), rng.integers(0, 256, 3), np.uint8)
+        return np.full((height, width, 3), rng.integers(0, 256, 3), np.uint8)
     if kind == 1:
         a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-        t = np.linspace(0, 1, side)[np.newaxis, :, np.newaxis]
-        return np.broadcast_to(a + (b - a) * t, (side, side, 3)).astype(np.uint8)
-    cells = max(2, side // 16)
-    noise = rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8)
-    return cv2.resize(noise, (side, side), interpolation=cv2.INTER_CUBIC)
+        t = np.linspace(0, 1, width)[np.newaxis, :, np.newaxis]
+        return np.broadcast_to(a + (b - a) * t, (height, width, 3)).astype(np.uint8)
+    noise = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
+    return cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
 def wild(chip: np.ndarray, seed: int, name: str, copy: int, side: int) -> np.ndarray:
@@ -99,7 +102,7 @@ def wild(chip: np.ndarray, seed: int, name: str, copy: int, side: int) -> np.nda
     centre = canvas / 2.0
     paste = cv2.getRotationMatrix2D((WILD_CHIP / 2.0, WILD_CHIP / 2.0), angle, scale)
     paste[:, 2] += centre - WILD_CHIP / 2.0
-    frame = wild_background(rng, canvas)
+    frame = background(rng, int(rng.integers(BACKGROUNDS)), canvas, canvas)
     warped = cv2.warpAffine(chip, paste, (canvas, canvas), flags=cv2.INTER_LINEAR)
     inside = cv2.warpAffine(np.full((WILD_CHIP, WILD_CHIP), 255, np.uint8), paste, (canvas, canvas)) > 127
     frame[inside] = warped[inside]

@@ -37,6 +37,7 @@ from model_files import EdgeError, all_model_files  # noqa: E402
 
 from caffekit import atomic, hardware, photos  # noqa: E402
 from caffekit.errors import KitError, cli  # noqa: E402
+from dataset import augment  # noqa: E402
 
 FRAME_W, FRAME_H = 640, 480
 MAX_ANGLE = 30.0
@@ -46,16 +47,9 @@ FOUND_RADIUS = 0.25  # of the pasted chip's side
 
 
 def background(rng, chips):
-    kind = rng.integers(4)
-    if kind == 0:
-        return np.full((FRAME_H, FRAME_W, 3), rng.integers(0, 256, 3), np.uint8)
-    if kind == 1:
-        a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-        t = np.linspace(0, 1, FRAME_W)[np.newaxis, :, np.newaxis]
-        return np.broadcast_to(a + (b - a) * t, (FRAME_H, FRAME_W, 3)).astype(np.uint8)
-    if kind == 2:
-        noise = rng.integers(0, 256, (FRAME_H // 16, FRAME_W // 16, 3), dtype=np.uint8)
-        return cv2.resize(noise, (FRAME_W, FRAME_H), interpolation=cv2.INTER_CUBIC)
+    kind = rng.integers(augment.BACKGROUNDS + 1)
+    if kind < augment.BACKGROUNDS:
+        return augment.background(rng, kind, FRAME_H, FRAME_W)
     tiles = [cv2.resize(chips[i], (80, 80), interpolation=cv2.INTER_AREA)
              for i in rng.integers(len(chips), size=48)]
     mosaic = np.vstack([np.hstack(tiles[r * 8:(r + 1) * 8]) for r in range(6)])
