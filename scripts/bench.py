@@ -204,7 +204,8 @@ def runner_fps(video: Path, ir: Path, precision: str, model: str, detector: str 
 def detection_ms(video: Path, ir: Path, openvino):
     """Each detector alone on the video's frames, median ms per frame, with the cost of cutting (or
     warping) one chip: the Haar cascade at full 640x480 and at the runner's scale, BlazeFace (when
-    built) through OpenVINO and through OpenCV."""
+    built) through OpenVINO and through OpenCV, aligned as the runner aligns (after the second look at each face)
+    and, for its cost, without it."""
     capture = cv2.VideoCapture(str(video))
     frames = [frame for frame in (capture.read()[1] for _ in range(30)) if frame is not None]
     full_scale = 640 / face_detection.DETECT_WIDTH  # the same smallest face, in full-size pixels
@@ -215,6 +216,8 @@ def detection_ms(video: Path, ir: Path, openvino):
     if meta is not None:
         detectors += [("BlazeFace short range, OpenVINO IR, aligned", face_detection.load_detector(
                           str(ir), "blazeface", "short", True, openvino)),
+                      ("BlazeFace short range, OpenVINO IR, aligned without the second look",
+                       face_detection.load_detector(str(ir), "blazeface", "short", True, openvino, refine=False)),
                       ("BlazeFace short range, OpenCV tflite, aligned", face_detection.load_detector(
                           str(ir), "blazeface", "short", True, None))]
         if "full_range" in meta["models"]:

@@ -62,6 +62,9 @@ def test_bench_rows_time_the_runners_engines(tmp_path, utkface_dir, monkeypatch)
     cpu_default = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
     assert [(r["model"], r["inference_precision"], r["forced_f32"]) for r in report["rows"]] == [
         ("FP32", "f32", True), ("FP32", cpu_default, False), ("FP16", cpu_default, False), ("caffemodel", "f32", False)]
+    # Each IR row compiles a latency engine, then a throughput one, in row order (on a CPU without bf16 the forced
+    # and the default FP32 rows both run at f32, so the precision alone does not tell their engines apart).
+    openvino_made = iter([e for e in made if isinstance(e, bench.engines.OpenVINOEngine)])
     for r in report["rows"]:
         assert r["net"] == "gender_net" and r["latency_ms"] > 0 and r["throughput_ips"] > 0, r
         assert r["throughput_ips"] == pytest.approx(sorted(r["throughput_windows_ips"])[1], abs=0.1)  # the median
@@ -75,8 +78,9 @@ def test_bench_rows_time_the_runners_engines(tmp_path, utkface_dir, monkeypatch)
             assert isinstance(engine, bench.engines.OpenCVEngine) and engine.calls["infer_async"] == async_calls
             assert engine.calls["infer"] == infer_calls + async_calls  # the OpenCV engine's infer_async runs infer
             continue
-        same = [e for e in same if bench.inference_precision(e) == r["inference_precision"]]
-        hints = {str(e.compiled.get_property("PERFORMANCE_HINT")): e for e in same}
+        own = [next(openvino_made), next(openvino_made)]
+        assert all(e.name == r["engine"] and bench.inference_precision(e) == r["inference_precision"] for e in own)
+        hints = {str(e.compiled.get_property("PERFORMANCE_HINT")): e for e in own}
         assert sorted(hints) == ["LATENCY", "THROUGHPUT"], r
         # Latency from engine.infer on the latency-compiled engine; throughput through the
         # throughput-compiled engine's own queue, whose size the row reports.
