@@ -77,7 +77,7 @@ TRAIN      = $(if $(filter-out 1,$(NPROC)),$(py) -m torch.distributed.run --stan
 EVAL_ARGS  = $(DIR_ARGS) $(if $(WEIGHTS),--weights $(call q,$(WEIGHTS)))
 IR_ARGS    = --net $(NET) $(EVAL_ARGS)
 
-.PHONY: help setup demo download dataset dataset-val train-age train-gender train-joint test-age test-gender \
+.PHONY: help setup edge-legacy demo download dataset dataset-val train-age train-gender train-joint test-age test-gender \
         test-joint evaluate evaluate-folds \
         compile-ncs compile-int8 detector run bench bench-robustness bench-dataset bench-train test test-oracle oracle clean
 
@@ -89,6 +89,9 @@ setup:  ## create .venv with everything the host stages and the tests need
 	$(call q,$(VENV)/bin/python) -m pip install -q --upgrade pip
 	$(call q,$(VENV)/bin/python) -m pip install -q torch==2.13.0
 	$(call q,$(VENV)/bin/python) -m pip install -q -e '.[host,train,dev]'
+
+edge-legacy:  ## .venv-edge-legacy: the runner's Raspberry Pi + NCS2 stack (Python 3.7, OpenVINO 2022.3) for its tests
+	$(py) scripts/edge_legacy_env.py --venv .venv-edge-legacy
 
 demo:  ## every stage end to end on a small generated set (or on UTKFACE_DIR=... when given)
 	$(py) scripts/demo.py --out $(call q,$(DEMO_DIR)) $(if $(filter-out file default,$(origin UTKFACE_DIR)),--utkface $(call q,$(UTKFACE_DIR)))

@@ -129,11 +129,24 @@ class OpenVINOEngine(Engine):
 
     def infer_async(self, face, userdata):
         if self._queue is None:
-            # 0 jobs = the device's optimal number of requests in flight.
-            self._queue = self._AsyncInferQueue(self.compiled, 0)
+            self._queue = self._make_queue()
             self._queue.set_callback(self._on_done)
         self._queue.start_async({0: face[np.newaxis]}, userdata)  # blocks while every request is busy
         self._raise_callback_errors()
+
+    def _make_queue(self):
+        # As many requests in flight as the device wants. Asked for explicitly: AsyncInferQueue(compiled, 0)
+        # means the same in current OpenVINO, but 2022.3 (the NCS2's last release) refuses it ("Please
+        # specify number of infer requests directly!").
+        try:
+            jobs = int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        except (RuntimeError, TypeError, ValueError):
+            jobs = 2
+        try:
+            return self._AsyncInferQueue(self.compiled, max(1, jobs))
+        except RuntimeError as exc:
+            raise EdgeError("{}: cannot start {} inference requests on {} ({})".format(
+                self.files.xml, jobs, self.device, first_line(exc)))
 
     def wait_all(self):
         if self._queue is not None:
