@@ -176,3 +176,16 @@ def iou(a, b):
     w = max(0, min(ax + aw, bx + bw) - max(ax, bx))
     h = max(0, min(ay + ah, by + bh) - max(ay, by))
     return w * h / float(aw * ah + bw * bh - w * h)
+
+
+def walking_face_video(path, chip, frames, step):
+    """An MJPG 640x480 video at 25 FPS: ``chip`` (200 px) moving ``step`` pixels right a frame over grey."""
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (640, 480))
+    for i in range(frames):
+        frame = np.full((480, 640, 3), 90, np.uint8)
+        frame[140:340, 40 + step * i:240 + step * i] = chip
+        writer.write(frame)
+    writer.release()
+    return path

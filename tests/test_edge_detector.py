@@ -175,13 +175,7 @@ def test_the_opencv_only_runner_detects_with_the_tflite_model(models, utkface_di
 
 def test_a_face_moving_through_a_video_keeps_one_track_id(models, utkface_dir, tmp_path):
     chip, _ = chip_of(utkface_dir)
-    clip = tmp_path / "walk.avi"
-    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 25, (640, 480))
-    for i in range(12):
-        frame = np.full((480, 640, 3), 90, np.uint8)
-        frame[140:340, 40 + 25 * i:240 + 25 * i] = chip
-        writer.write(frame)
-    writer.release()
+    clip = cf.walking_face_video(tmp_path / "walk.avi", chip, 12, 25)
     result = run("--models", models, "--video", clip, "--json", "--save-crops", tmp_path / "crops")
     assert result.returncode == 0, result.stderr
     frames = [json.loads(line) for line in result.stdout.splitlines()]

@@ -86,13 +86,7 @@ def test_the_runner_on_python37_and_openvino_2022_3_finds_and_answers_as_on_the_
 
 def test_a_video_on_python37_and_openvino_2022_3_keeps_its_tracks(legacy, models, utkface_dir, tmp_path):
     chip = cv2.imread(str(sorted(utkface_dir.glob("*.jpg"))[40]))
-    clip = tmp_path / "walk.avi"
-    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 25, (640, 480))
-    for i in range(8):
-        frame = np.full((480, 640, 3), 90, np.uint8)
-        frame[140:340, 40 + 30 * i:240 + 30 * i] = chip
-        writer.write(frame)
-    writer.release()
+    clip = cf.walking_face_video(tmp_path / "walk.avi", chip, 8, 30)
     old = run(legacy, "--models", models, "--video", clip, "--precision", "FP32")
     new = run(sys.executable, "--models", models, "--video", clip, "--precision", "FP32")
     assert len(old) == len(new) == 8 and {f["faces"][0]["track"] for f in old} == {1}
