@@ -58,16 +58,18 @@ def augment(image: np.ndarray, seed: int, name: str, copy: int) -> np.ndarray:
     return np.rint(noisy, out=noisy).astype(np.uint8)
 
 
-# Wild copies: what the runner's detector and alignment make of a face in a photo (scripts/robustness.py measures
-# it): the chip rotated by up to WILD_ANGLE degrees and scaled by WILD_SCALE, pasted over a background, then cut out
-# again by a slightly wrong inverse (keypoints are a few pixels off), at the 200 px chip size and resized as the
-# dataset resizes. So the face is resampled twice (blurred where it was small), and the corners of the cut show
-# the background the rotation brought in: the two things chips never show and aligned faces lose accuracy to.
+# Wild copies (JOINT_PLAN=wild): what the runner's detector and alignment make of a face in a photo: the chip rotated
+# by up to WILD_ANGLE degrees and scaled by WILD_SCALE, pasted over a background, then cut out again by a slightly
+# wrong inverse (keypoints a few pixels off), at the 200 px chip size and resized as the dataset resizes. So the
+# face is resampled twice and framed a little off, with background where the cut misses the chip. Measured, the
+# framing error is what costs accuracy (resampling costs none), and the runner's second look at each face removes
+# most of it; fine-tuning on these copies gained nothing on top (docs/experiments.md).
 WILD_ANGLE = 30.0
 WILD_SCALE = (0.5, 2.0)
 # The cut's error, standard deviations (shift in chip sides): what experiments/alignment_error.py measured for the
-# runner's photo default (tiled BlazeFace) on 400 train chips pasted as above: 4.2 degrees, 0.096 log scale,
-# 0.020 / 0.031 shift (2.6 degrees and 0.06 at scales of 0.8x and over, 6.0 and 0.13 under it).
+# photo default (tiled BlazeFace) aligned from its first keypoints, before the second look, on 400 train chips pasted
+# as above: 4.2 degrees, 0.096 log scale, 0.020 / 0.031 shift (2.6 degrees and 0.06 at scales of 0.8x and over, 6.0
+# and 0.13 under it).
 WILD_JITTER = {"degrees": 4.2, "log_scale": 0.096, "shift": 0.025}
 WILD_CHIP = 200  # pixels: UTKFace's chip, where the runner warps
 

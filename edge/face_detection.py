@@ -161,7 +161,7 @@ def load_detector(models_dir, choice="auto", range_choice="auto", stream=False, 
         detector = full if range_choice == "full" else TiledBlazeFace(full, short)
     name = "BlazeFace {} range ({}), {}".format(range_choice, "OpenVINO CPU" if engine == "openvino" else
                                                 "OpenCV tflite", "aligned" if align else "box framing")
-    return FramedDetector(detector, framing, name + (", refined" if align and refine else ""),
+    return FramedDetector(detector, framing, name + (", second look" if align and refine else ""),
                           short if refine else None)
 
 

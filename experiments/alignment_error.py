@@ -62,9 +62,9 @@ def main() -> None:
     chips, frames = robustness.build_set(args.utkface, names, args.seed)
     openvino = engines.import_openvino()
     report = {}
-    for variant in ("short", "short+refined", "tiled", "tiled+refined"):
-        detector = load_detector(str(args.models_dir / "ir"), "blazeface", variant.split("+")[0], False, openvino,
-                                 refine=variant.endswith("refined"))
+    for variant in ("short", "short, second look", "tiled", "tiled, second look"):
+        detector = load_detector(str(args.models_dir / "ir"), "blazeface", variant.split(",")[0], False, openvino,
+                                 refine=variant.endswith("second look"))
         rows, by_angle, by_scale = [], {}, {}
         for frame, centre, side, angle, scale in frames:
             near = [(np.hypot(d.box[0] + d.box[2] / 2.0 - centre[0], d.box[1] + d.box[3] / 2.0 - centre[1]), d)
