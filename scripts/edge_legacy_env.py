@@ -12,6 +12,7 @@ import argparse
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,19 @@ def find_python(explicit):
     return None
 
 
+def run_step(command, venv: Path) -> int:
+    """The command's exit status. Ctrl-C is ours alone (the child ignores it, so no traceback of its own reaches
+    the terminal): the child is stopped and the half-made environment removed before the interrupt goes on."""
+    child = subprocess.Popen(command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        child.wait()
+        shutil.rmtree(venv, ignore_errors=True)
+        raise
+
+
 @cli
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -60,7 +74,7 @@ def main(argv=None) -> None:
     steps = [[python, "-m", "venv", str(args.venv)],
              [str(args.venv / "bin" / "python"), "-m", "pip", "install", "-q", *PINS]]
     for step in steps:
-        if subprocess.run(step).returncode != 0:
+        if run_step(step, args.venv) != 0:
             shutil.rmtree(args.venv, ignore_errors=True)
             raise KitError(f"edge-legacy: `{' '.join(step)}` failed")
     marker.write_text("\n".join(PINS) + "\n")  # last: a half-made environment has none
