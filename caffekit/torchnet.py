@@ -16,7 +16,7 @@ from torch import nn
 
 from caffekit import formats, graph, layers as layer_table
 from caffekit.errors import KitError
-from caffekit.layers.torch_ops import OPS, accuracy, caffe_lrn, softmax_loss  # noqa: F401 (the ops' home)
+from caffekit.layers.torch_ops import OPS, accuracy, batch_norm, caffe_lrn, softmax_loss  # noqa: F401 (the ops' home)
 from caffekit.proto import caffe_pb2
 
 TRAIN, TEST = graph.TRAIN, graph.TEST
@@ -68,6 +68,25 @@ def fill(shape: Sequence[int], filler: caffe_pb2.FillerParameter, generator: tor
 
 
 # ---------------------------------------------------------------- the network
+def fused_steps(layers) -> List[Tuple[caffe_pb2.LayerParameter, object]]:
+    """The layers to run, in order, as (layer, None), or (BatchNorm, Scale) where a Scale works in place
+    on a BatchNorm's top right after it: nothing else can see the BatchNorm's own output then, so the two
+    run as one op (``torch_ops.batch_norm``). Data layers are left out: their tops are the inputs."""
+    steps, index = [], 0
+    while index < len(layers):
+        layer = layers[index]
+        after = layers[index + 1] if index + 1 < len(layers) else None
+        if (layer.type == "BatchNorm" and after is not None and after.type == "Scale" and len(layer.top) == 1
+                and list(after.bottom) == list(layer.top) == list(after.top)):
+            steps.append((layer, after))
+            index += 2
+            continue
+        if layer.type not in layer_table.DATA_TYPES:
+            steps.append((layer, None))
+        index += 1
+    return steps
+
+
 class CaffeNet(nn.Module):
     """The layers of one phase of a Caffe net. ``forward({'data': x, 'label': y})`` returns every blob."""
 
@@ -89,6 +108,7 @@ class CaffeNet(nn.Module):
         for layer in self.layers:
             self._check_layer(layer)
             self._add_params(layer, generator)
+        self.steps = fused_steps(self.layers)
         consumed = {b for layer in self.layers for b in layer.bottom}
         produced = [t for layer in self.layers for t in layer.top]
         # Caffe's net outputs: blobs produced and never consumed (in-place tops included).
@@ -203,8 +223,9 @@ class CaffeNet(nn.Module):
     # -- execution
     def forward(self, inputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         blobs = dict(inputs)
-        for layer in self.layers:
-            if layer.type in layer_table.DATA_TYPES:
+        for layer, scale in self.steps:
+            if scale is not None:
+                blobs[scale.top[0]] = batch_norm(self, layer, blobs[layer.bottom[0]], scale)
                 continue
             tops = OPS[layer.type](self, layer, [blobs[b] for b in layer.bottom])
             for top, value in zip(layer.top, tops):
