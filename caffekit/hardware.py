@@ -107,3 +107,27 @@ def describe(cpu: Cpu, device, threads: int, reason: str) -> str:
 
     where = f"{threads} threads" if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu: {cpu.summary()}; {where}; {reason}"
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's largest on 64-bit Linux: mallopt refuses more
+TRIM_THRESHOLD = 1024 * 1024 * 1024
+
+
+def keep_freed_tensors() -> bool:
+    """Let glibc's allocator keep freed tensors (up to 32 MiB each) for reuse; True where it could.
+
+    By default glibc gives each freed block above its mmap threshold back to the kernel, so every training
+    step's activations arrive as fresh pages, each zeroed on a page fault: a JointNet run on two cores took
+    92 million faults and 13% of its CPU time in the kernel (`/usr/bin/time -v`). Raising the mmap and trim
+    thresholds made its steps 10-15% faster. Other C libraries (macOS, musl) are left as they are."""
+    if platform.system() != "Linux":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))

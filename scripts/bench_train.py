@@ -25,14 +25,17 @@ from caffekit.errors import cli  # noqa: E402
 from caffekit.proto import caffe_pb2  # noqa: E402
 
 
-def bench(net_name: str, batch: int, precision: str, iters: int, warmup: int, nchw: bool = False) -> dict:
+def training_step(net_name: str, batch: int, precision: str, nchw: bool = False, fused: bool = True):
+    """One training step of the net on a fixed random batch, as the trainer runs it: a function to time.
+    ``nchw`` and ``fused=False`` give the trainer's old layout and its old layer-by-layer BatchNorm + Scale."""
     import torch
 
-    from caffekit import solver as solver_lib, torchnet
+    from caffekit import hardware, layers as layer_table, solver as solver_lib, torchnet
     from caffekit.backends import torch as torch_backend
 
-    layout = torch.contiguous_format if nchw else torch_backend.memory_format(torch, torch.device("cpu"), precision)
+    hardware.keep_freed_tensors()  # as the trainer does
 
+    layout = torch.contiguous_format if nchw else torch_backend.memory_format(torch, torch.device("cpu"), precision)
     net = formats.read_net(training.REPO / "caffe_models" / net_name / "train_val.prototxt")
     shapes, labels = {}, []
     for data in training.data_layers(net, net_name)[graph.TRAIN]:
@@ -53,6 +56,8 @@ def bench(net_name: str, batch: int, precision: str, iters: int, warmup: int, nc
                 blob = formats.array_to_blob(models.infogain_matrix()[np.newaxis, np.newaxis])
                 Path(layer.infogain_loss_param.source).write_bytes(blob.SerializeToString())
         model = torchnet.CaffeNet(net, graph.TRAIN, shapes, net_name, seed=1)  # reads the matrix here
+    if not fused:
+        model.steps = [(layer, None) for layer in model.layers if layer.type not in layer_table.DATA_TYPES]
     param = caffe_pb2.SolverParameter(base_lr=0.001, lr_policy="fixed", momentum=0.9, weight_decay=5e-4)
     info = model.param_info
     sgd = solver_lib.SgdSolver(param, model.params(), [p.lr_mult for p in info], [p.decay_mult for p in info])
@@ -64,17 +69,27 @@ def bench(net_name: str, batch: int, precision: str, iters: int, warmup: int, nc
             classes = model.shapes[reader.bottom[0]][1]
             inputs[name] = torch.randint(0, classes, shape, generator=generator).float()
         else:
-            inputs[name] = torch.randn(shape, generator=generator) * 50
-            inputs[name] = inputs[name].contiguous(memory_format=layout)
+            inputs[name] = (torch.randn(shape, generator=generator) * 50).contiguous(memory_format=layout)
     model = model.to(memory_format=layout)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-    times, cpu_times = [], []
-    for i in range(warmup + iters):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        with autocast:
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = model.loss(model(inputs))
         loss.backward()
         sgd.apply_update()
+
+    step.channels_last = layout == torch.channels_last
+    return step
+
+
+def bench(net_name: str, batch: int, precision: str, iters: int, warmup: int, nchw: bool = False) -> dict:
+    import torch
+
+    step = training_step(net_name, batch, precision, nchw)
+    times, cpu_times = [], []
+    for i in range(warmup + iters):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step()
         if i >= warmup:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
@@ -83,7 +98,7 @@ def bench(net_name: str, batch: int, precision: str, iters: int, warmup: int, nc
     threads = torch.get_num_threads()
     # On a shared machine the wall time includes waiting for the CPU; CPU seconds / threads is
     # the wall time the same work takes when the cores are free (an estimate, upper bound).
-    return {"net": net_name, "batch": batch, "precision": precision, "channels_last": layout == torch.channels_last,
+    return {"net": net_name, "batch": batch, "precision": precision, "channels_last": step.channels_last,
             "threads": threads, "median_s": round(median, 4), "images_per_s": round(batch / median, 1),
             "cpu_s_per_iteration": round(cpu_median, 4),
             "images_per_s_if_cores_free": round(batch * threads / cpu_median, 1),

@@ -49,6 +49,52 @@ def test_batch_norm_keeps_caffes_moving_sums(tmp_path):
     np.testing.assert_allclose(out, expected, atol=1e-4)
 
 
+BN_SCALE_NET = """
+layer { name: "conv" type: "Convolution" bottom: "data" top: "c"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "msra" } } }
+layer { name: "bn" type: "BatchNorm" bottom: "c" top: "c" batch_norm_param { moving_average_fraction: 0.5 } }
+layer { name: "sc" type: "Scale" bottom: "c" top: "c"
+  scale_param { bias_term: true filler { type: "uniform" min: 0.5 max: 2 } bias_filler { type: "uniform" min: -1 max: 1 } } }
+layer { name: "bn2" type: "BatchNorm" bottom: "c" top: "n" }
+layer { name: "sc2" type: "Scale" bottom: "n" top: "s" scale_param { bias_term: true } }
+layer { name: "sum" type: "Eltwise" bottom: "n" bottom: "s" top: "y" }
+"""
+
+
+def test_batch_norm_runs_fused_with_its_in_place_scale_and_computes_what_the_two_layers_do(tmp_path):
+    """The trainer runs a BatchNorm and the Scale working in place on its top as one op (torch_ops.batch_norm);
+    a Scale writing elsewhere stays apart, as the BatchNorm's own top is read again (by "sum"). Fused and
+    layer by layer give the same tops, gradients and moving sums, over two TRAIN steps and in TEST."""
+    path = tmp_path / "bn_scale.prototxt"
+    path.write_text(BN_SCALE_NET)
+    net = formats.read_net(path)
+    shape = (6, 3, 7, 7)
+    fused = torchnet.CaffeNet(net, graph.TRAIN, {"data": shape}, seed=3)
+    assert [(layer.name, scale.name if scale else None) for layer, scale in fused.steps] == [
+        ("conv", None), ("bn", "sc"), ("bn2", None), ("sc2", None), ("sum", None)]
+    apart = torchnet.CaffeNet(net, graph.TRAIN, {"data": shape}, seed=3)
+    apart.steps = [(layer, None) for layer in apart.layers]
+    for step in range(2):
+        x = torch.from_numpy(np.random.default_rng(step).normal(2, 3, shape).astype(np.float32))
+        outputs = []
+        for model in (fused, apart):
+            for p in model.params():
+                p.grad = None
+            y = model({"data": x})["y"]
+            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+            outputs.append((y.detach(), [p.grad.clone() if p.grad is not None else p.detach().clone()
+                                         for p in model.params()]))
+        torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(outputs[0][1], outputs[1][1]):  # (the conv bias's gradient is 0 but for rounding)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    tests = []
+    for model in (fused, apart):
+        test = torchnet.CaffeNet(net, graph.TEST, {"data": shape}, seed=3)
+        test.load_weights(model.weights(), "train")
+        tests.append(test({"data": x})["y"].detach())
+    torch.testing.assert_close(tests[0], tests[1], rtol=1e-5, atol=1e-5)
+
+
 def test_batch_norm_and_scale_fold_into_the_convolutions(tmp_path):
     """The joint deploy net with random BatchNorm statistics: the IR has no op left of them but the input
     scale, and gives what torch's unfolded net gives."""

@@ -236,6 +236,7 @@ class Trainer:
         self.device = distributed.device(hardware.choose_device(config.device))
         self.precision, _ = hardware.choose_precision(config.precision, self.device, hardware.read_cpu())
         self._set_up_cuda()
+        hardware.keep_freed_tensors()
         process_group = distributed.start(self.device)
         seed = param.random_seed if param.random_seed >= 0 else random.SystemRandom().randrange(2 ** 31)
         self.seed = distributed.from_main(int(seed), self.device)
