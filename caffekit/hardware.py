@@ -6,6 +6,7 @@ bf16 autocast pays only where the CPU computes bf16 natively (AVX512-BF16, or AM
 oneDNN emulates it and training is slower than in fp32. On CUDA the same holds from compute capability 8.0
 (Ampere) on; older GPUs get fp16 autocast, whose narrow range needs loss scaling (the trainer's GradScaler).
 """
+import os
 import platform
 from pathlib import Path
 from typing import FrozenSet, NamedTuple, Tuple
@@ -16,6 +17,7 @@ from caffekit.errors import KitError
 FEATURES = (("AVX2", ("avx2",)), ("AVX-512", ("avx512f",)), ("AVX512-BF16", ("avx512_bf16",)),
             ("AMX", ("amx_bf16",)), ("VNNI", ("avx512_vnni", "avx_vnni")))
 NATIVE_BF16 = ("AVX512-BF16", "AMX")
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # torch's and oneDNN's caps on the vector ISA
 
 
 class Cpu(NamedTuple):
@@ -106,7 +108,9 @@ def describe(cpu: Cpu, device, threads: int, reason: str) -> str:
     import torch
 
     where = f"{threads} threads" if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu: {cpu.summary()}; {where}; {reason}"
+    # Set to time a wider CPU as a narrower one (e.g. AVX2): the features above are then not all used.
+    limits = [f"{name}={os.environ[name]}" for name in ISA_LIMITS if os.environ.get(name)]
+    return f"cpu: {cpu.summary()}{' limited by ' + ' '.join(limits) if limits else ''}; {where}; {reason}"
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)

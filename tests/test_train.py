@@ -470,6 +470,20 @@ def test_precision_choice_says_why(tmp_path):
         "bf16 autocast (--precision; no AVX512-BF16/AMX: emulated, slower than fp32)"
 
 
+def test_the_run_line_says_when_the_vector_isa_is_capped(monkeypatch, tmp_path):
+    """Timing a wide CPU as an AVX2-only one (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA) shows in the first line."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    cpu, device = hardware.read_cpu(cpuinfo), torch.device("cpu")
+    for name in hardware.ISA_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    assert "limited" not in hardware.describe(cpu, device, 2, "fp32 (--precision)")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert hardware.describe(cpu, device, 2, "fp32 (--precision)") == \
+        "cpu: Test CPU 9000 (AVX2, AVX-512, AVX512-BF16; no AMX, VNNI) limited by ONEDNN_MAX_CPU_ISA=AVX2; " \
+        "2 threads; fp32 (--precision)"
+
+
 FRESH_PAGES = """
 import resource, sys
 sys.path.insert(0, sys.argv[2])
