@@ -28,6 +28,8 @@ NET         ?= all
 WEIGHTS     ?=
 INIT_WEIGHTS ?=
 MAX_ITER    ?=
+# TRAIN_SEED=N: the solvers' random_seed (faces' order, crops, dropout) for every stage; empty: the solvers' own.
+TRAIN_SEED  ?=
 PRECISION   ?=
 DEVICE      ?=
 NPROC       ?= 1
@@ -67,6 +69,7 @@ DIR_ARGS   = --data-dir $(call q,$(DATA_DIR)) --models-dir $(call q,$(MODELS_DIR
 TRAIN_ARGS = --backend $(BACKEND) $(DIR_ARGS) \
              $(if $(SOLVER),--solver $(call q,$(SOLVER))) $(if $(RESUME),--resume $(call q,$(RESUME))) \
              $(if $(INIT_WEIGHTS),--weights $(call q,$(INIT_WEIGHTS))) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \
+             $(if $(TRAIN_SEED),--seed $(TRAIN_SEED)) \
              $(if $(PRECISION),--precision $(PRECISION)) \
              $(if $(filter 0,$(PRETRAIN)),--no-pretrain) \
              $(if $(filter-out file default,$(origin PRETRAIN_DIR)),--pretrain-data $(call q,$(PRETRAIN_DIR))) \

@@ -180,7 +180,7 @@ class Feed:
 
 def memory_format(torch, device, precision: str):
     """The layout of the trainer's 4-D tensors. channels_last (NHWC in memory; shapes and Caffe's NCHW
-    order unchanged) on the CPU: JointNet's step 1.2-1.3x faster there than NCHW, AgeNet's a little
+    order unchanged) on the CPU: JointNet's step 1.1-1.3x faster there than NCHW, AgeNet's a little
     (scripts/bench_train.py --nchw compares). On CUDA only with autocast, where tensor cores want it."""
     if device.type == "cpu" or precision in ("bf16", "fp16"):
         return torch.channels_last

@@ -142,7 +142,7 @@ def batch_norm(net, layer, x, scale_layer=None):
     affine part; its blobs hold the SUMS of batch means and (m/(m-1)-corrected) variances, each decayed by
     moving_average_fraction, and the matching sum of weights in blob 2, which divides both when the
     global statistics are used. The Scale's gamma and beta go into the same fused op: in training that
-    saves two passes over the activations and their gradients, a tenth of JointNet's step on a CPU."""
+    saves two passes over the activations and their gradients (JointNet: 1.1-1.2x faster steps on a CPU)."""
     mean_sum, var_sum, weight_sum = net.layer_params(layer.name)
     gamma, beta = None, None
     if scale_layer is not None:
