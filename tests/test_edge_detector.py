@@ -168,7 +168,9 @@ def test_the_opencv_only_runner_detects_with_the_tflite_model(models, utkface_di
         (face,) = json.loads(result.stdout)["faces"]
         answers[engine] = face
     assert answers["openvino"]["box"] == answers["opencv"]["box"]
-    np.testing.assert_allclose(answers["openvino"]["keypoints"], answers["opencv"]["keypoints"], atol=0.5)
+    # Within a pixel: on CPUs with AVX512-BF16 or AMX OpenVINO runs even the FP32 IR in bf16 (its default; a Zen 5
+    # put one keypoint 0.6 px from OpenCV's f32), while a wrong decode would be many pixels off.
+    np.testing.assert_allclose(answers["openvino"]["keypoints"], answers["opencv"]["keypoints"], atol=1.0)
     refused = run("--models", models, "--image", scene, "--engine", "opencv", "--range", "full")
     assert refused.returncode == 2 and "needs OpenVINO" in refused.stderr
 
