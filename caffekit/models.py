@@ -9,6 +9,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
+from caffekit import formats
 from caffekit.errors import KitError
 from caffekit.tasks import AGE_LABELS, AGE_SCHEMES, GENDER_LABELS, age_scheme, age_to_bin
 
@@ -74,6 +75,11 @@ def infogain_matrix(sigma: float = AGE_SIGMA_YEARS) -> np.ndarray:
     years = np.arange(AGE_YEAR_CLASSES, dtype=np.float64)
     rows = np.exp(-0.5 * ((years[np.newaxis] - years[:, np.newaxis]) / sigma) ** 2)
     return (rows / rows.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def infogain_file(sigma: float = AGE_SIGMA_YEARS) -> bytes:
+    """joint_infogain.binaryproto as `make dataset` writes it: the matrix as a 1 x 1 x 101 x 101 BlobProto."""
+    return formats.array_to_blob(infogain_matrix(sigma)[np.newaxis, np.newaxis]).SerializeToString()
 
 
 def age_year_label(age: int) -> int:

@@ -68,15 +68,15 @@ def fill(shape: Sequence[int], filler: caffe_pb2.FillerParameter, generator: tor
 
 
 # ---------------------------------------------------------------- the network
-def fused_steps(layers) -> List[Tuple[caffe_pb2.LayerParameter, object]]:
-    """The layers to run, in order, as (layer, None), or (BatchNorm, Scale) where a Scale works in place
-    on a BatchNorm's top right after it: nothing else can see the BatchNorm's own output then, so the two
-    run as one op (``torch_ops.batch_norm``). Data layers are left out: their tops are the inputs."""
+def execution_steps(layers, fuse: bool = True) -> List[Tuple[caffe_pb2.LayerParameter, object]]:
+    """The layers to run, in order, as (layer, None), or with ``fuse`` (BatchNorm, Scale) where a Scale works
+    in place on a BatchNorm's top right after it: nothing else can see the BatchNorm's own output then, so
+    the two run as one op (``torch_ops.batch_norm``). Data layers are left out: their tops are the inputs."""
     steps, index = [], 0
     while index < len(layers):
         layer = layers[index]
         after = layers[index + 1] if index + 1 < len(layers) else None
-        if (layer.type == "BatchNorm" and after is not None and after.type == "Scale" and len(layer.top) == 1
+        if (fuse and layer.type == "BatchNorm" and after is not None and after.type == "Scale" and len(layer.top) == 1
                 and list(after.bottom) == list(layer.top) == list(after.top)):
             steps.append((layer, after))
             index += 2
@@ -108,7 +108,7 @@ class CaffeNet(nn.Module):
         for layer in self.layers:
             self._check_layer(layer)
             self._add_params(layer, generator)
-        self.steps = fused_steps(self.layers)
+        self.steps = execution_steps(self.layers)
         consumed = {b for layer in self.layers for b in layer.bottom}
         produced = [t for layer in self.layers for t in layer.top]
         # Caffe's net outputs: blobs produced and never consumed (in-place tops included).

@@ -410,8 +410,7 @@ def write_outputs(out: Path, plans: Dict[str, List[split.Item]], train, test, pa
         if joint_size:
             formats.write_mean(files["joint_mean.binaryproto"], means["joint mean"])
             files["joint_test.csv"].write_text(_test_csv(plans["joint_test"], "joint"))
-            files["joint_infogain.binaryproto"].write_bytes(
-                formats.array_to_blob(models.infogain_matrix()[np.newaxis, np.newaxis]).SerializeToString())
+            files["joint_infogain.binaryproto"].write_bytes(models.infogain_file())
         splits = files.pop("splits")
         splits.mkdir()
         for name, faces in (("train", train), ("test", test)):

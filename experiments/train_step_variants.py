@@ -1,6 +1,6 @@
 """How much each of the torch trainer's speed choices buys, measured interleaved in one process.
 
-The trainer runs each BatchNorm together with the Scale after it as one op (torchnet.fused_steps) and keeps
+The trainer runs each BatchNorm together with the Scale after it as one op (torchnet.execution_steps) and keeps
 4-D tensors channels_last on the CPU (backends/torch.memory_format). This times one training step (forward,
 backward, Caffe's SGD update) of four variants of the same net, one step of each per round, so that the
 speed drift of a shared machine falls on all of them alike, and prints each variant's median images/s and

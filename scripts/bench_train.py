@@ -18,8 +18,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-
 from caffekit import atomic, formats, graph, models, training  # noqa: E402
 from caffekit.errors import cli  # noqa: E402
 from caffekit.proto import caffe_pb2  # noqa: E402
@@ -30,7 +28,7 @@ def training_step(net_name: str, batch: int, precision: str, nchw: bool = False,
     ``nchw`` and ``fused=False`` give the trainer's old layout and its old layer-by-layer BatchNorm + Scale."""
     import torch
 
-    from caffekit import hardware, layers as layer_table, solver as solver_lib, torchnet
+    from caffekit import hardware, solver as solver_lib, torchnet
     from caffekit.backends import torch as torch_backend
 
     hardware.keep_freed_tensors()  # as the trainer does
@@ -53,11 +51,10 @@ def training_step(net_name: str, batch: int, precision: str, nchw: bool = False,
         for layer in net.layer:
             if layer.type == "InfogainLoss" and layer.infogain_loss_param.source:
                 layer.infogain_loss_param.source = str(Path(tmp) / "infogain.binaryproto")
-                blob = formats.array_to_blob(models.infogain_matrix()[np.newaxis, np.newaxis])
-                Path(layer.infogain_loss_param.source).write_bytes(blob.SerializeToString())
+                Path(layer.infogain_loss_param.source).write_bytes(models.infogain_file())
         model = torchnet.CaffeNet(net, graph.TRAIN, shapes, net_name, seed=1)  # reads the matrix here
     if not fused:
-        model.steps = [(layer, None) for layer in model.layers if layer.type not in layer_table.DATA_TYPES]
+        model.steps = torchnet.execution_steps(model.layers, fuse=False)
     param = caffe_pb2.SolverParameter(base_lr=0.001, lr_policy="fixed", momentum=0.9, weight_decay=5e-4)
     info = model.param_info
     sgd = solver_lib.SgdSolver(param, model.params(), [p.lr_mult for p in info], [p.decay_mult for p in info])

@@ -73,7 +73,7 @@ def test_batch_norm_runs_fused_with_its_in_place_scale_and_computes_what_the_two
     assert [(layer.name, scale.name if scale else None) for layer, scale in fused.steps] == [
         ("conv", None), ("bn", "sc"), ("bn2", None), ("sc2", None), ("sum", None)]
     apart = torchnet.CaffeNet(net, graph.TRAIN, {"data": shape}, seed=3)
-    apart.steps = [(layer, None) for layer in apart.layers]
+    apart.steps = torchnet.execution_steps(apart.layers, fuse=False)
     for step in range(2):
         x = torch.from_numpy(np.random.default_rng(step).normal(2, 3, shape).astype(np.float32))
         outputs = []
