@@ -23,6 +23,8 @@ ENCODED     ?=
 WORKERS     ?=
 BACKEND     ?= auto
 SOLVER      ?=
+# PRETRAIN_SOLVER=: stage 1's solver (default: the net's solver_pretrain.prototxt); SOLVER= is the last stage's.
+PRETRAIN_SOLVER ?=
 RESUME      ?=
 NET         ?= all
 WEIGHTS     ?=
@@ -68,6 +70,7 @@ $(if $(filter $(MODEL),auto pair joint),,$(error MODEL=$(MODEL): expected one of
 DIR_ARGS   = --data-dir $(call q,$(DATA_DIR)) --models-dir $(call q,$(MODELS_DIR))
 TRAIN_ARGS = --backend $(BACKEND) $(DIR_ARGS) \
              $(if $(SOLVER),--solver $(call q,$(SOLVER))) $(if $(RESUME),--resume $(call q,$(RESUME))) \
+             $(if $(PRETRAIN_SOLVER),--pretrain-solver $(call q,$(PRETRAIN_SOLVER))) \
              $(if $(INIT_WEIGHTS),--weights $(call q,$(INIT_WEIGHTS))) $(if $(MAX_ITER),--max-iter $(MAX_ITER)) \
              $(if $(TRAIN_SEED),--seed $(TRAIN_SEED)) \
              $(if $(PRECISION),--precision $(PRECISION)) \

@@ -1,16 +1,18 @@
 """Which training runs make up the training of a net, on what data, from which weights; then its last step.
 
-Two stages by default. Stage 1 trains from scratch on the pre-training set with solver_pretrain.prototxt
-into MODELS_DIR/pretrain/<net>_net; stage 2 fine-tunes stage 1's final snapshot on DATA_DIR with
---solver (default: solver_finetune.prototxt). The pre-training set is DATA_DIR/pretrain where
-`make dataset` built one (it does unless RACE=all: all races are then in DATA_DIR already), or
---pretrain-data DIR. One stage, on DATA_DIR with --solver (default: solver.prototxt), when
---no-pretrain (make PRETRAIN=0) or --weights (your starting weights) asks for it, when DATA_DIR/pretrain
-holds no pre-training set, or when DATA_DIR was itself built from all races.
+Two stages by default. Stage 1 trains from scratch on the pre-training set with --pretrain-solver
+(default: solver_pretrain.prototxt) into MODELS_DIR/pretrain/<net>_net; stage 2 fine-tunes stage 1's
+final snapshot on DATA_DIR with --solver (default: solver_finetune.prototxt). The pre-training set is
+DATA_DIR/pretrain where `make dataset` built one (it does unless RACE=all: all races are then in
+DATA_DIR already), or --pretrain-data DIR. One stage, on DATA_DIR with --solver (default:
+solver.prototxt), when --no-pretrain (make PRETRAIN=0) or --weights (your starting weights) asks for
+it, when DATA_DIR/pretrain holds no pre-training set, or when DATA_DIR was itself built from all races.
 
 A finished stage 1 is not run again while its config.json records the sha256 of the same pre-training
-manifest: a set rebuilt with another split (another SEED) held out other test faces, so weights trained
-on the old one must not be reused. --resume continues whichever stage its snapshot belongs to: one under
+manifest and its folder holds the same solver and net as this run would write: a set rebuilt with
+another split (another SEED) held out other test faces, and another seed, schedule or net trains other
+weights, so none of them may reuse the old snapshot (whose name a longer schedule's run may share).
+--resume continues whichever stage its snapshot belongs to: one under
 MODELS_DIR/pretrain resumes stage 1 (stage 2 follows), any other resumes the last stage.
 
 Last, the final snapshot gets a prior-corrected copy (caffekit/prior.py) unless --no-prior; a net with
@@ -38,6 +40,7 @@ class Options:
     data_dir: str = "data"
     models_dir: str = "models"
     solver: Optional[str] = None
+    pretrain_solver: Optional[str] = None
     pretrain_data: Optional[str] = None
     no_pretrain: bool = False
     resume: Optional[str] = None
@@ -136,7 +139,7 @@ class StageRunner:
     def pretrained_weights(self, data: Path, stage1_models: Path, later_iterations: int) -> Path:
         """Stage 1: its final snapshot, trained now unless an earlier run finished it on this set."""
         o = self.options
-        solver = shipped_solver(self.net, "solver_pretrain.prototxt")
+        solver = Path(o.pretrain_solver) if o.pretrain_solver else shipped_solver(self.net, "solver_pretrain.prototxt")
         if not (data / "lmdb").is_dir():
             raise KitError(f"{data}: no pre-training set there (run `make dataset`, which builds it, "
                            f"or train on DATA_DIR alone with PRETRAIN=0)")
@@ -145,11 +148,12 @@ class StageRunner:
                    if manifest.is_file() else None}
         resume = o.resume if o.resume and is_inside(o.resume, stage1_models) else None
         config = self.config(solver, data, stage1_models)
-        param, _ = training.prepare_run(config)
+        param, net = training.prepare_run(config)
         final = snapshot_name(config.snapshot_prefix, param.max_iter)
         earlier = training.read_config(config.out_dir).get("extra", {})
         if final.is_file() and not resume and \
-                earlier.get("pretrain_manifest_sha256") == data_id["pretrain_manifest_sha256"]:
+                earlier.get("pretrain_manifest_sha256") == data_id["pretrain_manifest_sha256"] and \
+                training.same_run_files(config, param, net):
             print(f"stage 1 done earlier on this pre-training set: fine-tuning {final}", file=sys.stderr)
             return final
         print(f"stage 1: pre-training on {data} with {solver.name}", file=sys.stderr)

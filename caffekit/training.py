@@ -129,6 +129,14 @@ def save_run(config: RunConfig, param: caffe_pb2.SolverParameter, net: caffe_pb2
     write_config(config)
 
 
+def same_run_files(config: RunConfig, param: caffe_pb2.SolverParameter, net: caffe_pb2.NetParameter) -> bool:
+    """Whether the solver and net an earlier run saved in config.out_dir are the ones this run would save."""
+    try:
+        return formats.read_solver(config.solver_resolved) == param and formats.read_net(config.net_resolved) == net
+    except (OSError, KitError):
+        return False
+
+
 def dataset_entry(config: RunConfig) -> "models.Model":
     """The net's registry entry with the labels of the dataset it trains on."""
     return models.for_dataset(models.by_name(config.net).key, config.data_dir)

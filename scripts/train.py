@@ -9,9 +9,10 @@
 
 Two stages by default: stage 1 trains from scratch on the pre-training set that `make dataset` builds in
 DATA_DIR/pretrain (all races, the test faces of DATA_DIR held out; --pretrain-data DIR points elsewhere)
-with solver_pretrain.prototxt into MODELS_DIR/pretrain/<net>_net; stage 2 fine-tunes its last snapshot
-on DATA_DIR with --solver (default: solver_finetune.prototxt). One stage on DATA_DIR with solver.prototxt
-with --no-pretrain or --weights, or where DATA_DIR/pretrain holds no pre-training set. A finished stage 1
+with --pretrain-solver (default: solver_pretrain.prototxt) into MODELS_DIR/pretrain/<net>_net; stage 2
+fine-tunes its last snapshot on DATA_DIR with --solver (default: solver_finetune.prototxt). One stage on
+DATA_DIR with solver.prototxt with --no-pretrain or --weights, or where DATA_DIR/pretrain holds no
+pre-training set. A finished stage 1 (same set, same solver and net, seed included)
 is not run again; --resume continues whichever stage its snapshot belongs to (caffekit/stages.py).
 
 Last, the final snapshot gets a prior-corrected copy, <prefix>_prior_iter_N.caffemodel (see
@@ -47,6 +48,8 @@ def build_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--models-dir", default="models", help="outputs go to MODELS_DIR/<net>_net (default: models)")
     parser.add_argument("--solver", help="solver prototxt of the last stage (default: caffe_models/<net>_net/"
                                          "solver_finetune.prototxt after pre-training, else solver.prototxt)")
+    parser.add_argument("--pretrain-solver", help="solver prototxt of stage 1, the pre-training (default: "
+                                                  "caffe_models/<net>_net/solver_pretrain.prototxt)")
     pretraining = parser.add_mutually_exclusive_group()
     pretraining.add_argument("--pretrain-data", metavar="DIR",
                              help="pre-train on DIR (default: DATA_DIR/pretrain where `make dataset` built it)")

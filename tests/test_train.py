@@ -356,6 +356,38 @@ def test_pretrain_then_finetune_the_default_two_stages(dataset, tmp_path):
     assert "stage 1 done earlier" in second.stderr and digest(stage1) == before
 
 
+@pytest.mark.slow
+def test_a_finished_stage_1_is_trained_again_for_another_seed_or_pretrain_solver(dataset, tmp_path):
+    """Stage 1's snapshot is reused only by a run that would train the same weights: another --seed or another
+    --pretrain-solver (here a base_lr of its own) trains stage 1 again, which the reuse check used to skip."""
+    data = tmp_path / "data"
+    (data / "pretrain").mkdir(parents=True)
+    for folder in (data, data / "pretrain"):
+        for name in ("lmdb", "mean.binaryproto"):
+            (folder / name).symlink_to(dataset / name)
+    (data / "pretrain" / "manifest.json").write_text(json.dumps({"config": {"race": "all"}}))
+    models = tmp_path / "models"
+    args = ["--net", "gender", "--data-dir", data, "--models-dir", models, "--max-iter", "2"]
+    assert run_cli(*args).returncode == 0
+    stage1 = models / "pretrain" / "gender_net"
+
+    reseeded = run_cli(*args, "--seed", "7")
+    assert reseeded.returncode == 0, reseeded.stderr
+    assert "stage 1 done earlier" not in reseeded.stderr
+    assert formats.read_solver(stage1 / "solver.prototxt").random_seed == 7
+
+    solver = formats.read_solver(training.REPO / "caffe_models" / "gender_net" / "solver_pretrain.prototxt")
+    solver.base_lr = 0.0005
+    own = tmp_path / "solver_pretrain_mine.prototxt"
+    formats.write_prototxt(own, solver)
+    mine = run_cli(*args, "--seed", "7", "--pretrain-solver", own)
+    assert mine.returncode == 0, mine.stderr
+    assert "stage 1 done earlier" not in mine.stderr and "solver_pretrain_mine.prototxt" in mine.stderr
+    assert formats.read_solver(stage1 / "solver.prototxt").base_lr == pytest.approx(0.0005)
+    again = run_cli(*args, "--seed", "7", "--pretrain-solver", own)
+    assert again.returncode == 0 and "stage 1 done earlier" in again.stderr
+
+
 def test_pretraining_is_the_default_where_make_dataset_built_its_set(tmp_path):
     data = tmp_path / "data"
 
