@@ -42,7 +42,12 @@ class OpenCvClassifier:
         for path, what in ((deploy, "deploy prototxt"), (weights, "caffemodel")):
             if not Path(path).is_file():
                 raise KitError(f"{path}: {what} not found")
-        formats.read_caffemodel(weights)  # a one-line error for truncated files, before OpenCV's
+        model = formats.read_caffemodel(weights)  # a one-line error for truncated files, before OpenCV's
+        net = formats.read_net(deploy)
+        layers = graph.net_layers(net, graph.TEST, source=str(deploy))
+        graph.check_weights([layer for layer in layers if layer.type not in graph.TRAIN_ONLY_TYPES],
+                            graph.blob_shapes(layers, graph.input_shapes(net, layers)), graph.read_weights(model),
+                            str(weights))
         try:
             self.net = cv2.dnn.readNetFromCaffe(str(deploy), str(weights))
         except cv2.error as exc:
@@ -50,8 +55,7 @@ class OpenCvClassifier:
             raise KitError(f"{weights}: OpenCV cannot load it with {deploy} ({message})") from None
         self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
         self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
-        net = formats.read_net(deploy)
-        shapes = list(graph.input_shapes(net, graph.net_layers(net, graph.TEST, source=str(deploy))).values())
+        shapes = list(graph.input_shapes(net, layers).values())
         if len(shapes) != 1 or len(shapes[0]) != 4:
             raise KitError(f"{deploy}: expected one 4-D input shape, found {shapes}")
         shape = shapes[0]

@@ -153,11 +153,19 @@ def weights_to_model(name: str, layers: Sequence[caffe_pb2.LayerParameter],
 
 
 def check_weights(layers, shapes, weights, source: str) -> None:
-    """Raise a KitError naming ``source`` when a blob is missing or has the wrong size.
+    """Raise a KitError naming ``source`` when a blob is missing or has the wrong size, or when the model has
+    weights for layers the prototxt lacks: Caffe would ignore them, but here they mean weights trained for
+    another definition (e.g. JointNet's four-block trunk under the three-block deploy net, whose shapes match).
 
     Sizes, not shapes, are compared: old caffemodels store fully connected weights
     as 1 x 1 x out x in, which Caffe accepts too.
     """
+    defined = {layer.name for layer in layers}
+    extra = [name for name in weights if name not in defined]
+    if extra:
+        listed = ", ".join(repr(name) for name in extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        raise KitError(f"{source}: has weights for layers the prototxt does not define ({listed}): trained from "
+                       "another network definition? Give its deploy prototxt")
     for layer in layers:
         expected = learnable_shapes(layer, shapes)
         if not expected:

@@ -166,3 +166,22 @@ def test_evaluate_cli_errors(model, tmp_path):
                            str(model["data"]), "--models-dir", str(tmp_path)],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode != 0 and "no *_iter_N.caffemodel snapshot" in proc.stderr
+
+
+def test_evaluate_refuses_weights_of_another_definition(model, tmp_path):
+    """A caffemodel holding weights for a layer the deploy net lacks (as JointNet's four-block models under the
+    three-block deploy net, whose shared layers' shapes match) is one error line, not a silent evaluation."""
+    good = next((model["models"] / "age_net").glob("*.caffemodel"))
+    caffemodel = formats.read_caffemodel(good)
+    extra = caffemodel.layer.add()
+    extra.CopyFrom(next(layer for layer in caffemodel.layer if layer.blobs))
+    extra.name = "res1_a"
+    other = tmp_path / "other_definition.caffemodel"
+    formats.write_caffemodel(other, caffemodel)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts/evaluate.py"), "--net", "age", "--data-dir",
+                           str(model["data"]), "--models-dir", str(model["models"]), "--weights", str(other)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {other}: has weights for layers the prototxt does not define ('res1_a'): trained from another "
+        "network definition? Give its deploy prototxt"]
