@@ -44,10 +44,12 @@ class OpenCvClassifier:
                 raise KitError(f"{path}: {what} not found")
         model = formats.read_caffemodel(weights)  # a one-line error for truncated files, before OpenCV's
         net = formats.read_net(deploy)
-        layers = graph.net_layers(net, graph.TEST, source=str(deploy))
-        graph.check_weights([layer for layer in layers if layer.type not in graph.TRAIN_ONLY_TYPES],
-                            graph.blob_shapes(layers, graph.input_shapes(net, layers)), graph.read_weights(model),
-                            str(weights))
+        layers = graph.inference_layers(net, str(deploy))
+        inputs = graph.input_shapes(net, layers)
+        shapes = list(inputs.values())
+        if len(shapes) != 1 or len(shapes[0]) != 4:
+            raise KitError(f"{deploy}: expected one 4-D input shape, found {shapes}")
+        graph.check_weights(layers, graph.blob_shapes(layers, inputs), graph.read_weights(model), str(weights))
         try:
             self.net = cv2.dnn.readNetFromCaffe(str(deploy), str(weights))
         except cv2.error as exc:
@@ -55,9 +57,6 @@ class OpenCvClassifier:
             raise KitError(f"{weights}: OpenCV cannot load it with {deploy} ({message})") from None
         self.net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
         self.net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
-        shapes = list(graph.input_shapes(net, layers).values())
-        if len(shapes) != 1 or len(shapes[0]) != 4:
-            raise KitError(f"{deploy}: expected one 4-D input shape, found {shapes}")
         shape = shapes[0]
         self.crop = int(shape[2])
 

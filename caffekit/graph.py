@@ -95,6 +95,11 @@ def net_layers(net: caffe_pb2.NetParameter, phase: Optional[int] = None,
 
 
 # ---------------------------------------------------------------- shapes
+def inference_layers(net: caffe_pb2.NetParameter, source: str) -> List[caffe_pb2.LayerParameter]:
+    """The layers a deploy net runs at inference: its TEST phase without train-only types (Dropout, ...)."""
+    return [layer for layer in net_layers(net, TEST, source=source) if layer.type not in TRAIN_ONLY_TYPES]
+
+
 def input_shapes(net: caffe_pb2.NetParameter, layers: Sequence[caffe_pb2.LayerParameter]) -> Dict[str, Tuple[int, ...]]:
     """Shapes of the net's declared inputs (``input`` + ``input_shape``/``input_dim``, or Input layers)."""
     shapes = {}

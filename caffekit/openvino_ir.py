@@ -75,8 +75,7 @@ class CaffeNet:
         self.deploy, self.caffemodel = Path(deploy), Path(caffemodel)
         net = formats.read_net(self.deploy)
         self.name = net.name or self.deploy.parent.name
-        self.layers = [layer for layer in graph.net_layers(net, graph.TEST, source=str(self.deploy))
-                       if layer.type not in graph.TRAIN_ONLY_TYPES]
+        self.layers = graph.inference_layers(net, str(self.deploy))
         inputs = graph.input_shapes(net, self.layers)
         if len(inputs) != 1:
             raise KitError(f"{self.deploy}: expected one input blob, found {sorted(inputs) or 'none'}")

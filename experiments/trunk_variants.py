@@ -97,13 +97,8 @@ def time_steps(precision: str, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         variant = Path(tmp) / "train_val.prototxt"
         variant.write_text(with_block((SHIPPED / "train_val.prototxt").read_text()))
-        read_net = bench_train.formats.read_net
-        steps = {"three blocks (shipped)": bench_train.training_step("joint_net", 64, precision)}
-        try:  # training_step reads caffe_models/joint_net/train_val.prototxt: hand it the variant instead
-            bench_train.formats.read_net = lambda path: read_net(variant)
-            steps["four blocks"] = bench_train.training_step("joint_net", 64, precision)
-        finally:
-            bench_train.formats.read_net = read_net
+        steps = {"three blocks (shipped)": bench_train.training_step("joint_net", 64, precision),
+                 "four blocks": bench_train.training_step("joint_net", 64, precision, prototxt=variant)}
     times = {name: [] for name in steps}
     for round_ in range(rounds + 2):
         for name, step in steps.items():

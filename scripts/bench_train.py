@@ -23,9 +23,11 @@ from caffekit.errors import cli  # noqa: E402
 from caffekit.proto import caffe_pb2  # noqa: E402
 
 
-def training_step(net_name: str, batch: int, precision: str, nchw: bool = False, fused: bool = True):
+def training_step(net_name: str, batch: int, precision: str, nchw: bool = False, fused: bool = True,
+                  prototxt=None):
     """One training step of the net on a fixed random batch, as the trainer runs it: a function to time.
-    ``nchw`` and ``fused=False`` give the trainer's old layout and its old layer-by-layer BatchNorm + Scale."""
+    ``nchw`` and ``fused=False`` give the trainer's old layout and its old layer-by-layer BatchNorm + Scale;
+    ``prototxt`` another train_val definition of the same net (default: caffe_models/<net>/train_val.prototxt)."""
     import torch
 
     from caffekit import hardware, solver as solver_lib, torchnet
@@ -34,7 +36,7 @@ def training_step(net_name: str, batch: int, precision: str, nchw: bool = False,
     hardware.keep_freed_tensors()  # as the trainer does
 
     layout = torch.contiguous_format if nchw else torch_backend.memory_format(torch, torch.device("cpu"), precision)
-    net = formats.read_net(training.REPO / "caffe_models" / net_name / "train_val.prototxt")
+    net = formats.read_net(prototxt or training.REPO / "caffe_models" / net_name / "train_val.prototxt")
     shapes, labels = {}, []
     for data in training.data_layers(net, net_name)[graph.TRAIN]:
         crop = data.transform_param.crop_size
