@@ -27,7 +27,6 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,13 +71,7 @@ def time_steps(crop: int, precision: str, rounds: int) -> None:
         variant.write_text(with_crop((SHIPPED / "train_val.prototxt").read_text(), crop))
         steps = {SHIPPED_CROP: bench_train.training_step("joint_net", 64, precision),
                  crop: bench_train.training_step("joint_net", 64, precision, prototxt=variant)}
-    times = {size: [] for size in steps}
-    for round_ in range(rounds + 2):
-        for size, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if round_ >= 2:  # two warm-up rounds
-                times[size].append(time.perf_counter() - start)
+    times = bench_train.interleaved(steps, rounds)
     shipped, variant_times = times[SHIPPED_CROP], times[crop]
     ratio = statistics.median(s / v for s, v in zip(shipped, variant_times))
     print(f"JointNet training step, batch 64, {precision}, {torch.get_num_threads()} threads, medians of {rounds} "

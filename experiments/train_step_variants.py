@@ -12,7 +12,6 @@ its median speed-up over the old layer-by-layer NCHW step.
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,13 +38,7 @@ def main() -> int:
             name = f"{'fused' if fused else 'layer by layer'}, {'NCHW' if nchw else 'channels_last'}"
             variants[name] = bench_train.training_step(training.NETS[args.net], args.batch, args.precision, nchw,
                                                        fused)
-    times = {name: [] for name in variants}
-    for round_ in range(args.rounds + 2):
-        for name, step in variants.items():
-            start = time.perf_counter()
-            step()
-            if round_ >= 2:  # two warm-up rounds
-                times[name].append(time.perf_counter() - start)
+    times = bench_train.interleaved(variants, args.rounds)
     base = next(iter(times.values()))
     print(f"{args.net}, batch {args.batch}, {args.precision}, {torch.get_num_threads()} threads, "
           f"medians of {args.rounds} interleaved rounds:")

@@ -25,7 +25,6 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,13 +98,7 @@ def time_steps(precision: str, rounds: int) -> None:
         variant.write_text(with_block((SHIPPED / "train_val.prototxt").read_text()))
         steps = {"three blocks (shipped)": bench_train.training_step("joint_net", 64, precision),
                  "four blocks": bench_train.training_step("joint_net", 64, precision, prototxt=variant)}
-    times = {name: [] for name in steps}
-    for round_ in range(rounds + 2):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            if round_ >= 2:  # two warm-up rounds
-                times[name].append(time.perf_counter() - start)
+    times = bench_train.interleaved(steps, rounds)
     shipped, four = times.values()
     print(f"JointNet training step, batch 64, {precision}, {torch.get_num_threads()} threads, medians of {rounds} "
           f"interleaved rounds: three blocks {statistics.median(shipped) * 1e3:.1f} ms, four blocks "

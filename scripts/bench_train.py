@@ -81,6 +81,19 @@ def training_step(net_name: str, batch: int, precision: str, nchw: bool = False,
     return step
 
 
+def interleaved(steps: dict, rounds: int, warmup: int = 2) -> dict:
+    """{name: per-round seconds} of each step in ``steps``, one call of each per round, so that a shared
+    machine's drift falls on all of them alike; the first ``warmup`` rounds are not kept."""
+    times = {name: [] for name in steps}
+    for round_ in range(warmup + rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def bench(net_name: str, batch: int, precision: str, iters: int, warmup: int, nchw: bool = False) -> dict:
     import torch
 
